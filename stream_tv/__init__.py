@@ -1,1 +1,28 @@
+"""stream_tv: task vectors, LoRA merges and comparisons on checkpoints larger than RAM."""
+
 __version__ = "0.1.0"
+
+from .api import (  # noqa: E402
+    ApplyResult,
+    ExtractResult,
+    InspectResult,
+    RunOptions,
+    WriteResult,
+    apply_task_vectors,
+    extract_task_vector,
+    inspect,
+)
+from .errors import StreamTVError  # noqa: E402
+
+__all__ = [
+    "ApplyResult",
+    "ExtractResult",
+    "InspectResult",
+    "RunOptions",
+    "StreamTVError",
+    "WriteResult",
+    "__version__",
+    "apply_task_vectors",
+    "extract_task_vector",
+    "inspect",
+]

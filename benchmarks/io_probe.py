@@ -1,0 +1,307 @@
+"""Measure write, read and checksum strategies on this machine's filesystem.
+
+The engine's writer design (piece size, ``write`` vs ``os.pwrite``, pre-sizing) and its
+checksum choice follow from these figures. Every measurement moves ``--size`` bytes from one
+reused in-memory buffer (already faulted in), is repeated ``--repeat`` times, and the median
+is reported. Between runs the file is deleted (untimed) and ``os.sync()`` flushes dirty pages
+(untimed), so each run starts from the same state; the page cache is warm for reads.
+
+    python benchmarks/io_probe.py --size 1GB --dir /work/bench-work [--repeat 3] [--json P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+
+BUF = 64 * 1024 * 1024  # the reused source buffer
+
+K = 1024
+M = 1024 * 1024
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().replace(" ", "")
+    units = {
+        "KIB": K, "MIB": M, "GIB": K**3, "TIB": K**4,
+        "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+        "K": K, "M": M, "G": K**3, "B": 1,
+    }
+    for suffix, mult in units.items():
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * mult)
+    return int(t)
+
+
+def human(n: int) -> str:
+    for unit, mult in (("M", M), ("K", K)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+class Timer:
+    """Wall, user and system seconds of this process (children counted separately)."""
+
+    def __enter__(self) -> Timer:
+        self.r0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.user = (r1.ru_utime - self.r0.ru_utime) + (c1.ru_utime - self.c0.ru_utime)
+        self.sys = (r1.ru_stime - self.r0.ru_stime) + (c1.ru_stime - self.c0.ru_stime)
+
+
+def pieces(total: int, piece: int):
+    """(offset, length) of consecutive pieces covering ``total`` bytes."""
+    off = 0
+    while off < total:
+        n = min(piece, total - off)
+        yield off, n
+        off += n
+
+
+# --------------------------------------------------------------------------- writers
+# Each writer writes ``total`` bytes taken cyclically from ``mv`` (a memoryview of BUF bytes).
+
+
+def _src(mv: memoryview, off: int, n: int) -> memoryview:
+    s = off % len(mv)
+    return mv[s : s + n]
+
+
+def write_pieces(path: str, mv: memoryview, total: int, piece: int, mode: str = "wb") -> None:
+    with open(path, mode, buffering=0) as f:
+        for off, n in pieces(total, piece):
+            f.write(_src(mv, off, n))
+
+
+def pwrite_pieces(path: str, mv: memoryview, total: int, piece: int, presize: str = "") -> None:
+    flags = os.O_WRONLY | os.O_CREAT
+    if presize != "existing":
+        flags |= os.O_TRUNC
+    fd = os.open(path, flags, 0o644)
+    try:
+        if presize == "ftruncate":
+            os.ftruncate(fd, total)
+        elif presize == "fallocate":
+            os.posix_fallocate(fd, 0, total)
+        for off, n in pieces(total, piece):
+            os.pwrite(fd, _src(mv, off, n), off)
+    finally:
+        os.close(fd)
+
+
+def cat_copy(src: str, dst: str) -> None:
+    subprocess.run(f"cat {src!s} > {dst!s}", shell=True, check=True)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def read_into(path: str, piece: int) -> None:
+    buf = bytearray(piece)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(mv):
+            pass
+
+
+def mmap_copy(path: str, piece: int) -> None:
+    """Copy pages of a mapped file into a reused buffer (what a mmap reader does)."""
+    import mmap
+
+    buf = bytearray(piece)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        mv = memoryview(m)
+        for off, n in pieces(len(m), piece):
+            buf[:n] = mv[off : off + n]
+        del mv
+
+
+def cat_null(path: str) -> None:
+    subprocess.run(f"cat {path!s} > /dev/null", shell=True, check=True)
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def checksum(kind: str, mv: memoryview, total: int, piece: int) -> None:
+    if kind == "crc32":
+        c = 0
+        for off, n in pieces(total, piece):
+            c = zlib.crc32(_src(mv, off, n), c)
+        return
+    if kind.startswith("xxh"):
+        import xxhash
+
+        h = getattr(xxhash, kind)()
+    else:
+        h = hashlib.new(kind)
+    for off, n in pieces(total, piece):
+        h.update(_src(mv, off, n))
+    h.digest()
+
+
+# --------------------------------------------------------------------------- harness
+
+
+def measure(
+    fn: Callable[[], None], repeat: int, before: Callable[[], None] | None = None
+) -> dict:
+    runs = []
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        with Timer() as t:
+            fn()
+        runs.append({"wall": t.wall, "user": t.user, "sys": t.sys})
+    med = {k: statistics.median(r[k] for r in runs) for k in ("wall", "user", "sys")}
+    return {"runs": runs, **med}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem / K**3, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1GB", help="bytes per measurement (1GB = 10^9, 1GiB = 2^30)")
+    ap.add_argument("--dir", default="/work/bench-work", help="directory on the filesystem to test")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma list of substrings: run only matching cases")
+    ap.add_argument("--json", default="", help="write all runs here")
+    args = ap.parse_args(argv)
+
+    total = parse_size(args.size)
+    gb = total / 1e9
+    work = os.path.join(args.dir, "io-probe")
+    os.makedirs(work, exist_ok=True)
+    dst = os.path.join(work, "out.bin")
+    src = os.path.join(work, "src.bin")
+
+    buf = bytearray(os.urandom(BUF))  # random: nothing compresses, pages faulted in now
+    mv = memoryview(buf)
+
+    fs = shutil.disk_usage(args.dir)
+    dev = subprocess.run(["df", "-hT", args.dir], capture_output=True, text=True).stdout.strip()
+    info = {**machine(), "dir": args.dir, "df": dev, "size_bytes": total,
+            "free_gb": round(fs.free / 1e9, 1)}
+    print(f"# io_probe: {total} bytes ({gb:.2f} GB) per run, median of {args.repeat}")
+    print(f"# {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
+          f"python {info['python']}, kernel {info['kernel']}")
+    print("# " + dev.replace("\n", "\n# "))
+
+    def fresh() -> None:  # new file each run: delete, then flush dirty pages
+        if os.path.exists(dst):
+            os.unlink(dst)
+        os.sync()
+
+    def existing() -> None:  # a fully written file of the right size, flushed
+        if not os.path.exists(dst) or os.path.getsize(dst) != total:
+            fresh()
+            pwrite_pieces(dst, mv, total, 256 * K)
+        os.sync()
+
+    cases: list[tuple[str, str, Callable[[], None], Callable[[], None] | None]] = []
+    for piece in (64 * K, 128 * K, 256 * K, 512 * K, 1 * M, 4 * M, 64 * M):
+        name = "f.write whole 64M buffers" if piece == BUF else f"f.write {human(piece)} slices"
+        cases.append(("write", name + " (new file)",
+                      lambda p=piece: write_pieces(dst, mv, total, p), fresh))
+    cases += [
+        ("write", "os.pwrite 256K (new file)", lambda: pwrite_pieces(dst, mv, total, 256 * K), fresh),
+        ("write", "os.pwrite 1M (new file)", lambda: pwrite_pieces(dst, mv, total, 1 * M), fresh),
+        ("write", "os.pwrite 256K, ftruncate presized",
+         lambda: pwrite_pieces(dst, mv, total, 256 * K, "ftruncate"), fresh),
+        ("write", "os.pwrite 1M, ftruncate presized",
+         lambda: pwrite_pieces(dst, mv, total, 1 * M, "ftruncate"), fresh),
+        ("write", "os.pwrite 256K, posix_fallocate presized",
+         lambda: pwrite_pieces(dst, mv, total, 256 * K, "fallocate"), fresh),
+        ("write", "os.pwrite 1M, posix_fallocate presized",
+         lambda: pwrite_pieces(dst, mv, total, 1 * M, "fallocate"), fresh),
+        ("write", "os.pwrite 256K, overwrite existing file",
+         lambda: pwrite_pieces(dst, mv, total, 256 * K, "existing"), existing),
+        ("write", "os.pwrite 1M, overwrite existing file",
+         lambda: pwrite_pieces(dst, mv, total, 1 * M, "existing"), existing),
+        ("write", "f.write 64M, overwrite existing file",
+         lambda: write_pieces(dst, mv, total, BUF, "r+b"), existing),
+    ]
+    cases.append(("write", "cat 1 file > new file (floor)", lambda: cat_copy(src, dst), fresh))
+    for piece in (256 * K, 8 * M):
+        cases.append(("read", f"readinto reused {human(piece)} buffer",
+                      lambda p=piece: read_into(src, p), None))
+    cases.append(("read", "mmap, copy 8M slices to reused buffer", lambda: mmap_copy(src, 8 * M), None))
+    cases.append(("read", "cat file > /dev/null", lambda: cat_null(src), None))
+    for kind in ("crc32", "xxh3_64", "xxh3_128", "blake2b", "sha256"):
+        cases.append(("hash", f"{kind} (8M pieces)",
+                      lambda k=kind: checksum(k, mv, total, 8 * M), None))
+
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if only:
+        cases = [c for c in cases if any(s in c[1] for s in only)]
+
+    # the source file for cat / reads, written once and warmed
+    if any(c[0] == "read" or "cat 1 file" in c[1] for c in cases):
+        if not os.path.exists(src) or os.path.getsize(src) != total:
+            pwrite_pieces(src, mv, total, 256 * K)
+        os.sync()
+        cat_null(src)
+
+    results = []
+    print("\n| kind | strategy | wall s/GB | GB/s | user s/GB | sys s/GB | runs (wall s) |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for kind, name, fn, before in cases:
+        r = measure(fn, args.repeat, before)
+        r.update(kind=kind, name=name)
+        results.append(r)
+        runs = ", ".join(f"{x['wall']:.2f}" for x in r["runs"])
+        print(f"| {kind} | {name} | {r['wall'] / gb:.3f} | {gb / r['wall']:.2f} | "
+              f"{r['user'] / gb:.3f} | {r['sys'] / gb:.3f} | {runs} |", flush=True)
+
+    for p in (dst, src):
+        if os.path.exists(p):
+            os.unlink(p)
+    try:
+        os.rmdir(work)
+    except OSError:
+        pass
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""``stream-tv``: the command line. Parses options, calls the API, prints; no maths here.
+
+Errors raised by the library become one line on stderr and an exit code (see the README's
+"Exit codes"); a traceback appears only for a bug, and only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    StreamTVError,
+)
+from .io.index import parse_dtype
+from .io.writer import format_size
+
+
+class _State:
+    debug = False
+
+
+def _dtype(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    try:
+        return parse_dtype(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def streaming_options(*, nonfinite_default: str) -> Callable:
+    """The options every streaming command shares."""
+
+    def decorate(fn: Callable) -> Callable:
+        options = [
+            click.option(
+                "--device",
+                default="auto",
+                show_default=True,
+                help="auto (CUDA when present), cpu, cuda or cuda:N.",
+            ),
+            click.option(
+                "--chunk-size",
+                default=None,
+                metavar="SIZE",
+                help="Bytes per chunk in flight (rows of every input plus the output), e.g. 64MB. "
+                "Default: 1/32 of available memory, 16-256 MiB. Peak memory is about 4x this.",
+            ),
+            click.option(
+                "--max-shard-size",
+                default="5GB",
+                show_default=True,
+                metavar="SIZE",
+                help="Largest output shard (a bigger tensor gets a shard of its own).",
+            ),
+            click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
+            click.option(
+                "--on-nonfinite",
+                type=click.Choice(["error", "warn", "ignore"]),
+                default=nonfinite_default,
+                show_default=True,
+                help="What to do when an output chunk holds NaN/Inf.",
+            ),
+            click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def _run_options(kw: dict[str, Any]):
+    from .api import RunOptions
+
+    return RunOptions(
+        device=kw.pop("device"),
+        chunk_size=kw.pop("chunk_size"),
+        max_shard_size=kw.pop("max_shard_size"),
+        overwrite=kw.pop("overwrite"),
+        progress=not kw.pop("quiet"),
+        on_nonfinite=kw.pop("on_nonfinite"),
+    )
+
+
+def _echo_write_result(result, what: str) -> None:
+    speed = f"{result.gb_per_s:.2f} GB/s read" if result.seconds > 0 else ""
+    click.echo(
+        f"{what}: {result.tensors} tensors, {format_size(result.bytes_written)} in "
+        f"{result.shards} shard(s) -> {result.output}  [{result.seconds:.1f} s, {speed}]"
+    )
+    if result.resumed_shards:
+        click.echo(f"resumed: {result.resumed_shards} shard(s) were already complete")
+    for name, count in sorted(result.nonfinite.items()):
+        click.echo(f"warning: {count} NaN/Inf value(s) in {name}", err=True)
+
+
+def _result_json(result) -> str:
+    from dataclasses import asdict
+
+    def default(o: Any) -> Any:
+        return str(o)
+
+    return json.dumps(asdict(result), indent=2, default=default)
+
+
+class _Group(click.Group):
+    """Turns library errors into one line on stderr and an exit code, for every command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except StreamTVError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: rerun the same command to resume", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            ctx.exit(0)
+        except Exception as e:  # a bug: say so; the traceback only on request
+            if _State.debug:
+                raise
+            click.echo(
+                f"internal error: {type(e).__name__}: {e}\n"
+                "this is a bug in stream-tv; rerun with --debug for the traceback and report it",
+                err=True,
+            )
+            ctx.exit(EXIT_INTERNAL)
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="stream-tv")
+@click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
+def cli(debug: bool) -> None:
+    """Task vectors, LoRA merges and LoRA-vs-task-vector comparisons, streamed chunk by chunk
+    through CPU or GPU: checkpoints larger than RAM are fine.
+
+    MODEL references are a directory (model.safetensors.index.json or *.safetensors), a
+    .safetensors file, or a Hugging Face Hub id org/name[@revision].
+    """
+    _State.debug = debug
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def inspect(model: str, as_json: bool) -> None:
+    """Tensors, dtypes, shapes, sizes and shards of MODEL, from headers only.
+
+    \b
+    Example:
+      stream-tv inspect meta-llama/Llama-3.1-8B --json | jq .total_params
+    """
+    from .api import inspect as do_inspect
+
+    result = do_inspect(model)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    width = max((len(s.name) for s in result.tensors), default=4)
+    multi = len(result.files) > 1
+    for s in result.tensors:
+        shape = "x".join(map(str, s.shape)) or "scalar"
+        where = f"  {s.file.name}" if multi else ""
+        click.echo(f"{s.name:<{width}}  {s.dtype_str:>5}  {shape:>16}  {format_size(s.nbytes):>10}{where}")
+    dtypes = ", ".join(
+        f"{k}: {v['tensors']}" for k, v in result.to_dict()["dtypes"].items()
+    )
+    click.echo(
+        f"\n{len(result.tensors)} tensors ({dtypes}), {result.total_params:,} parameters, "
+        f"{format_size(result.total_bytes)} in {len(result.files)} file(s)"
+    )
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("-o", "--output", "out", required=True, help="Output directory.")
+@click.option(
+    "--dtype",
+    callback=_dtype,
+    help="Storage dtype of the task vector (default float32; float64 for float64 models). "
+    "bf16/fp16 lose the low bits of most differences.",
+)
+@click.option("--skip-unchanged", is_flag=True, help="Leave out tensors equal in both models.")
+@click.option(
+    "--allow-missing",
+    is_flag=True,
+    help="Skip tensors present in only one model (listed in the index metadata).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@streaming_options(nonfinite_default="warn")
+def extract(base: str, finetuned: str, out: str, as_json: bool, **kw: Any) -> None:
+    """Write the task vector FINETUNED - BASE as a sharded safetensors checkpoint.
+
+    Each element is the correctly rounded difference (exact in float32 for bf16/fp16 models
+    unless the two values' exponents are more than 16 apart).
+
+    \b
+    Example:
+      stream-tv extract meta-llama/Llama-3.1-8B ./my-finetune -o ./tv
+    """
+    from .api import extract_task_vector
+
+    options = _run_options(kw)
+    result = extract_task_vector(base, finetuned, out, options=options, **kw)
+    if as_json:
+        click.echo(_result_json(result))
+        return
+    _echo_write_result(result, f"task vector ({result.dtype})")
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} unchanged tensor(s)")
+    if result.non_float:
+        click.echo(f"{len(result.non_float)} non-float tensor(s) equal in both, not written: "
+                   + ", ".join(result.non_float[:3]) + (" ..." if len(result.non_float) > 3 else ""))
+    if result.missing:
+        click.echo(f"{len(result.missing)} tensor(s) in one model only, skipped: "
+                   + ", ".join(result.missing[:3]) + (" ..." if len(result.missing) > 3 else ""))
+    if result.dtype_mismatches:
+        click.echo(f"{len(result.dtype_mismatches)} tensor(s) differ in dtype; computed in float32")
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("task_vectors", nargs=-1, required=True, metavar="TV [TV ...]")
+@click.option("-o", "--output", "out", required=True, help="Output directory.")
+@click.option(
+    "--scale",
+    "scales",
+    multiple=True,
+    type=float,
+    help="Scale of each task vector, in order (default 1.0; one value applies to all; "
+    "negative to subtract).",
+)
+@click.option("--dtype", callback=_dtype, help="Output dtype (default: the base's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@streaming_options(nonfinite_default="error")
+def apply(base: str, task_vectors: tuple[str, ...], out: str, as_json: bool, **kw: Any) -> None:
+    """Write BASE + sum(scale_i * TV_i), in float32, rounded once to the base's dtype.
+
+    \b
+    Examples:
+      stream-tv apply ./base ./tv -o ./merged                     # base + tv
+      stream-tv apply ./base ./tv_a ./tv_b --scale 0.5 --scale 0.3 -o ./mix
+      stream-tv apply ./base ./tv --scale -1 -o ./negated         # task negation
+    """
+    from .api import apply_task_vectors
+
+    options = _run_options(kw)
+    kw["scales"] = list(kw["scales"]) or None
+    result = apply_task_vectors(base, list(task_vectors), out, options=options, **kw)
+    if as_json:
+        click.echo(_result_json(result))
+        return
+    _echo_write_result(result, "model")
+    click.echo(f"scales: {', '.join(f'{s:g}' for s in result.scales)}; "
+               f"{len(result.untouched)} tensor(s) copied from the base unchanged")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``stream-tv`` console script."""
+    cli.main(args=argv, prog_name="stream-tv")
+
+
+if __name__ == "__main__":
+    main()

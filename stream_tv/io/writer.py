@@ -1,0 +1,461 @@
+"""Output checkpoints: a shard plan from sizes (pure), shard files written in place, index last.
+
+The plan is made before any tensor byte is read: every output tensor's name, dtype and shape
+is known from the input headers, so every shard's header, size and tensor offsets are fixed
+up front. Shards are written under a hidden temporary name, checksummed as they are written,
+and renamed when complete; ``model.safetensors.index.json`` is written last. A directory
+without the index is never a finished model, and ``.stream-tv/state.json`` records which
+shards are complete (with their checksum) so an interrupted run resumes.
+
+>>> plan_shards([("a", 4), ("b", 4), ("c", 9), ("d", 1)], max_shard_size=8)
+[['a', 'b'], ['c'], ['d']]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import DiskError, OutputError
+from .index import INDEX_NAME, dtype_name
+
+STATE_DIR = ".stream-tv"
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+WRITE_PIECE = 256 * 1024  # bytes per write() call; see benchmarks/RESULTS.md ("Writer")
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal, as Hugging Face counts), ``"64MiB"`` -> 67108864.
+
+    >>> parse_size("256MB"), parse_size("1.5GiB"), parse_size(1024)
+    (256000000, 1610612736, 1024)
+    """
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 64MB, 5GB or 1GiB")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return value
+
+
+def format_size(n: float) -> str:
+    """``format_size(1_500_000_000) == '1.50 GB'``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def plan_shards(items: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """Group ``(name, nbytes)`` in order into shards of at most ``max_shard_size`` bytes.
+
+    A tensor larger than the limit gets a shard of its own (as Hugging Face does); order is
+    kept, so shards are read and written sequentially.
+    """
+    shards: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name, nbytes in items:
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the output: what the plan needs to lay out bytes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ShardLayout:
+    """One output shard: its file name, header bytes, and where each tensor starts."""
+
+    name: str
+    header: bytes
+    offsets: dict[str, int]  # absolute offset of each tensor's first byte
+    size: int  # file size
+
+    @staticmethod
+    def build(name: str, tensors: Sequence[OutTensor]) -> ShardLayout:
+        entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        position = 0
+        spans = []
+        for t in tensors:
+            entries[t.name] = {
+                "dtype": dtype_name(t.dtype),
+                "shape": list(t.shape),
+                "data_offsets": [position, position + t.nbytes],
+            }
+            spans.append((t.name, position))
+            position += t.nbytes
+        raw = json.dumps(entries, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+        header = len(raw).to_bytes(8, "little") + raw
+        return ShardLayout(
+            name, header, {n: len(header) + p for n, p in spans}, len(header) + position
+        )
+
+
+@dataclass
+class OutputPlan:
+    """Every output shard, fixed before the first byte is read."""
+
+    shards: list[ShardLayout]
+    shard_of: dict[str, int]  # tensor name -> shard index
+    total_size: int  # bytes of tensor data, the index's metadata.total_size
+
+    @staticmethod
+    def build(tensors: Sequence[OutTensor], max_shard_size: int) -> OutputPlan:
+        by_name = {t.name: t for t in tensors}
+        groups = plan_shards([(t.name, t.nbytes) for t in tensors], max_shard_size)
+        shards = [
+            ShardLayout.build(shard_name(i, len(groups)), [by_name[n] for n in group])
+            for i, group in enumerate(groups)
+        ]
+        shard_of = {n: i for i, group in enumerate(groups) for n in group}
+        return OutputPlan(shards, shard_of, sum(t.nbytes for t in tensors))
+
+    def fingerprint(self, extra: str = "") -> str:
+        """Identifies the plan (and the options that produced it) for resume."""
+        h = hashlib.sha256(extra.encode())
+        for s in self.shards:
+            h.update(s.name.encode())
+            h.update(s.header)
+        return h.hexdigest()
+
+
+def check_output_location(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output directory equal to, inside, or containing an input."""
+    target = out.resolve()
+    for p in inputs:
+        src = p.resolve()
+        src_dir = src if src.is_dir() else src.parent
+        if target == src_dir or src_dir in target.parents or (src.is_dir() and target in src.parents):
+            raise OutputError(
+                f"the output directory overlaps the input {p}",
+                where=str(out),
+                hint="inputs are never written; choose an output directory outside the inputs",
+            )
+        if not src.is_dir() and target in src.parents:
+            raise OutputError(
+                f"the output directory contains the input {p}",
+                where=str(out),
+                hint="choose an output directory that holds no input",
+            )
+
+
+@dataclass
+class _OpenShard:
+    layout: ShardLayout
+    fd: int
+    tmp: Path
+    expected: int  # data bytes still to come
+    crc: int = 0
+    position: int = 0  # next data offset expected for the running checksum
+
+
+@dataclass
+class ShardWriter:
+    """Writes a planned checkpoint into ``out``; thread-compatible (one writer thread).
+
+    Usage: ``begin()`` (prepare the directory, honour resume/overwrite), ``write()`` tensor
+    bytes in order, ``finish(metadata)`` writes the index and removes the state.
+    """
+
+    out: Path
+    plan: OutputPlan
+    fingerprint: str
+    overwrite: bool = False
+    resume: bool = True
+    completed: dict[int, int] = field(default_factory=dict)  # shard index -> crc32
+    _open: dict[int, _OpenShard] = field(default_factory=dict)
+    _lock_fd: int | None = None
+
+    # ---- directory preparation -------------------------------------------------------
+    def begin(self) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise OutputError("exists and is not a directory", where=str(out))
+        state_path = out / STATE_DIR / STATE_FILE
+        state = _read_state(state_path)
+        finished = (out / INDEX_NAME).exists()
+        if out.exists() and any(out.iterdir()):
+            if self.resume and state is not None and state.get("fingerprint") == self.fingerprint and not finished:
+                self._lock()
+                self.completed = self._verified_completed(state)
+                return
+            if not self.overwrite:
+                what = "an unfinished run of a different command" if state and not finished else "files"
+                raise OutputError(
+                    f"output directory already holds {what}",
+                    where=str(out),
+                    hint="pass --overwrite to replace it, or choose another directory",
+                )
+            self._lock()
+            self._clear()
+        else:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DiskError(f"cannot create the output directory: {e.strerror}", where=str(out)) from e
+            self._lock()
+        self._save_state()
+
+    def _lock(self) -> None:
+        state_dir = self.out / STATE_DIR
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DiskError(f"cannot write to the output directory: {e.strerror}", where=str(self.out)) from e
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        except OSError as e:
+            os.close(fd)
+            raise OutputError(
+                "another stream-tv run is writing to this directory",
+                where=str(self.out),
+                hint="wait for it to finish, or choose another output directory",
+            ) from e
+        self._lock_fd = fd
+
+    def _clear(self) -> None:
+        """Remove a previous output: the index first, so nothing looks finished meanwhile."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.out / INDEX_NAME).unlink()
+        for p in self.out.iterdir():
+            if p.name == STATE_DIR:
+                for q in p.iterdir():
+                    if q.name != LOCK_FILE:
+                        _remove(q)
+            elif _SHARD_RE.match(p.name) or p.name.startswith(".model-") or p.name == "model.safetensors":
+                p.unlink()
+
+    def _verified_completed(self, state: dict) -> dict[int, int]:
+        """Completed shards from the journal that are still intact on disk (size + crc32)."""
+        done: dict[int, int] = {}
+        for key, crc in state.get("completed", {}).items():
+            i = int(key)
+            layout = self.plan.shards[i]
+            path = self.out / layout.name
+            if path.is_file() and path.stat().st_size == layout.size and _file_crc(path, len(layout.header)) == crc:
+                with open(path, "rb") as f:
+                    if f.read(len(layout.header)) == layout.header:
+                        done[i] = crc
+                        continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        for p in self.out.iterdir():
+            if p.name.startswith(".model-"):
+                p.unlink()
+        return done
+
+    def _save_state(self) -> None:
+        state = {
+            "fingerprint": self.fingerprint,
+            "shards": [s.name for s in self.plan.shards],
+            "completed": {str(i): c for i, c in sorted(self.completed.items())},
+            "checksum": "crc32",
+        }
+        _atomic_write(self.out / STATE_DIR / STATE_FILE, json.dumps(state, indent=1).encode())
+
+    # ---- writing ------------------------------------------------------------------------
+    def is_complete(self, name: str) -> bool:
+        return self.plan.shard_of[name] in self.completed
+
+    def write(self, name: str, byte_offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``byte_offset`` inside tensor ``name``; bytes arrive in order."""
+        i = self.plan.shard_of[name]
+        shard = self._open.get(i) or self._open_shard(i)
+        start = shard.layout.offsets[name] + byte_offset
+        if start != shard.position:
+            raise AssertionError(f"out-of-order write in {shard.layout.name}")  # engine bug
+        try:
+            for k in range(0, len(data), WRITE_PIECE):
+                piece = data[k : k + WRITE_PIECE]
+                written = 0
+                while written < len(piece):
+                    written += os.pwrite(shard.fd, piece[written:], start + k + written)
+        except OSError as e:
+            self._abandon(i)
+            if e.errno == errno.ENOSPC:
+                raise DiskError(
+                    f"disk full while writing {shard.layout.name}",
+                    where=str(self.out),
+                    hint="free space and rerun the same command: completed shards are kept",
+                ) from e
+            raise DiskError(f"writing {shard.layout.name} failed: {e.strerror}", where=str(self.out)) from e
+        shard.crc = zlib.crc32(data, shard.crc)
+        shard.position = start + len(data)
+        shard.expected -= len(data)
+        if shard.expected == 0:
+            self._close_shard(i)
+
+    def _open_shard(self, i: int) -> _OpenShard:
+        layout = self.plan.shards[i]
+        tmp = self.out / f".{layout.name}.partial"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            os.pwrite(fd, layout.header, 0)
+        except OSError as e:
+            raise DiskError(f"cannot create {tmp.name}: {e.strerror}", where=str(self.out)) from e
+        shard = _OpenShard(layout, fd, tmp, layout.size - len(layout.header), position=len(layout.header))
+        self._open[i] = shard
+        if shard.expected == 0:
+            self._close_shard(i)
+        return shard
+
+    def _close_shard(self, i: int) -> None:
+        shard = self._open.pop(i)
+        try:
+            os.fsync(shard.fd)
+            os.close(shard.fd)
+            os.replace(shard.tmp, self.out / shard.layout.name)
+        except OSError as e:
+            raise DiskError(f"finishing {shard.layout.name} failed: {e.strerror}", where=str(self.out)) from e
+        self.completed[i] = shard.crc
+        self._save_state()
+
+    def _abandon(self, i: int) -> None:
+        shard = self._open.pop(i, None)
+        if shard is not None:
+            with contextlib.suppress(OSError):
+                os.close(shard.fd)
+            with contextlib.suppress(OSError):
+                shard.tmp.unlink()
+
+    def abort(self) -> None:
+        """Drop unfinished shards; completed ones and the journal stay for resume."""
+        for i in list(self._open):
+            self._abandon(i)
+        self._unlock()
+
+    def finish(self, metadata: dict[str, str]) -> Path:
+        """Write the index (the mark of a finished model) and remove the journal."""
+        missing = [s.name for i, s in enumerate(self.plan.shards) if i not in self.completed]
+        if missing:
+            raise AssertionError(f"shards not written: {missing[:3]}")  # engine bug
+        index = {
+            "metadata": {"total_size": self.plan.total_size, **metadata},
+            "weight_map": {
+                name: self.plan.shards[i].name for name, i in sorted(self.plan.shard_of.items())
+            },
+        }
+        path = self.out / INDEX_NAME
+        _atomic_write(path, (json.dumps(index, indent=2) + "\n").encode())
+        _remove(self.out / STATE_DIR / STATE_FILE)
+        self._unlock()
+        shutil.rmtree(self.out / STATE_DIR, ignore_errors=True)
+        return path
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _read_state(path: Path) -> dict | None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _file_crc(path: Path, skip: int) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(skip)
+        while block := f.read(8 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DiskError(f"cannot write {path.name}: {e.strerror}", where=str(path.parent)) from e
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def copy_side_files(src: Path | None, out: Path, names: Sequence[str]) -> list[str]:
+    """Copy config/tokenizer files that exist in ``src`` into ``out``; return what was copied."""
+    copied = []
+    if src is None or not src.is_dir():
+        return copied
+    for name in names:
+        p = src / name
+        if p.is_file():
+            shutil.copyfile(p, out / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,95 @@
+"""Per-chunk pure maths for task vectors: no I/O, any device, any chunk of rows.
+
+>>> import torch
+>>> base = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
+>>> ft = torch.tensor([1.5, 2.0, 2.0], dtype=torch.bfloat16)
+>>> tv = subtract(ft, base, out=torch.empty(3))
+>>> tv.tolist()
+[0.5, 0.0, -1.0]
+>>> add_scaled(base, [(tv, 1.0)], out=torch.empty(3, dtype=torch.bfloat16)).tolist()
+[1.5, 2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def difference_dtype(base: torch.dtype, finetuned: torch.dtype) -> torch.dtype:
+    """Default storage dtype of ``finetuned - base``: float32, or float64 for float64 inputs.
+
+    # subtle: the difference of two bf16 values is rarely a bf16 value (``1.0 - 0.99609375``
+    # needs 1 bit, ``1.0078125 - 1e-3`` needs 17), but it is exact in float32 unless the
+    # exponents are more than 16 apart; so float32 is the default for bf16/fp16 models.
+    """
+    if torch.float64 in (base, finetuned):
+        return torch.float64
+    return torch.float32
+
+
+def compute_dtype(out: torch.dtype, *inputs: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype giving one correctly rounded result in ``out``.
+
+    float32 is enough when the result is stored in float32 or wider from inputs of at most
+    32 bits (one float32 rounding). A narrower output (``--dtype bf16``) computes in float64,
+    so that rounding happens once, not twice (float32, then bf16).
+    """
+    if out == torch.float64 or torch.float64 in inputs or out.itemsize < 4:
+        return torch.float64
+    return torch.float32
+
+
+def subtract(
+    finetuned: torch.Tensor, base: torch.Tensor, *, out: torch.Tensor
+) -> torch.Tensor:
+    """``out = finetuned - base``, correctly rounded to ``out.dtype``; returns ``out``."""
+    work = compute_dtype(out.dtype, finetuned.dtype, base.dtype)
+    if work == out.dtype:
+        # Upcasts happen element by element inside the kernels: no temporaries.
+        out.copy_(finetuned)
+        return out.sub_(base)
+    acc = finetuned.to(work)
+    acc.sub_(base)
+    return out.copy_(acc)
+
+
+def add_scaled(
+    base: torch.Tensor,
+    terms: Sequence[tuple[torch.Tensor | None, float]],
+    *,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """``out = base + sum(scale * tv)`` in float32 (float64 if any input is), rounded once.
+
+    ``None`` terms (a tensor absent from a task vector) count as zero. With one term of
+    scale 1 whose value is the exact difference ``finetuned - base``, the float32 sum is
+    exactly ``finetuned`` and so is the result: the round trip of ``extract`` and ``apply``.
+    """
+    dtypes = [base.dtype, out.dtype, *(t.dtype for t, _ in terms if t is not None)]
+    work = torch.float64 if torch.float64 in dtypes else torch.float32
+    acc = base.to(work, copy=True) if out.dtype != work or base.data_ptr() == out.data_ptr() else out.copy_(base)
+    for tv, scale in terms:
+        if tv is None or scale == 0:
+            continue
+        if scale == 1:
+            acc.add_(tv)
+        else:
+            acc.add_(tv, alpha=scale)
+    if acc.data_ptr() != out.data_ptr():
+        out.copy_(acc)
+    return out
+
+
+def equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of two chunks (NaN equals NaN with the same bits)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        return torch.equal(a.view(_int_view(a.dtype)), b.view(_int_view(b.dtype)))
+    return torch.equal(a, b)
+
+
+def _int_view(dtype: torch.dtype) -> torch.dtype:
+    return {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[dtype.itemsize]

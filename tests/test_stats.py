@@ -1,0 +1,526 @@
+"""stream_tv.stats against an independent numpy float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stream_tv.errors import InputError, MismatchError
+from stream_tv.stats import (
+    CATEGORIES,
+    CHANGED_NOT_LORA,
+    LORA_AND_CHANGED,
+    LORA_UNCHANGED,
+    ROUNDING_ONLY,
+    UNCHANGED,
+    TensorAccumulator,
+    TensorComparison,
+    half_ulp,
+)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FIGURES = ("cosine", "max_abs_diff", "mean_abs_diff", "relative_error", "lora_norm", "tv_norm")
+
+
+# -- the reference: numpy float64, written without looking at stats.py ----------------------
+
+
+def ref_half_ulp(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Half the spacing from |x| to the next value away from zero, via np.spacing."""
+    mag = np.abs(values.astype(np.float64))
+    if dtype == "float32":
+        return np.spacing(mag.astype(np.float32)).astype(np.float64) / 2
+    if dtype == "float16":
+        return np.spacing(mag.astype(np.float16)).astype(np.float64) / 2
+    if dtype == "bfloat16":
+        # bf16 is fp32 with 16 significand bits dropped, same exponent range (subnormals too).
+        return np.spacing(mag.astype(np.float32)).astype(np.float64) * 2.0**16 / 2
+    raise AssertionError(dtype)
+
+
+def reference(lora, tv, finetuned=None, dtype=None) -> dict:
+    L = np.asarray(lora, dtype=np.float64).ravel()
+    T = np.asarray(tv, dtype=np.float64).ravel()
+    D = L - T
+    n = L.size
+    ln, tn = math.sqrt(float(np.sum(L * L))), math.sqrt(float(np.sum(T * T)))
+    cos = None
+    if n and ln > 0 and tn > 0:
+        cos = float(np.clip(np.sum(L * T) / (ln * tn), -1.0, 1.0))
+    out = {
+        "numel": n,
+        "cosine": cos,
+        "max_abs_diff": float(np.max(np.abs(D))) if n else None,
+        "mean_abs_diff": float(np.mean(np.abs(D))) if n else None,
+        "relative_error": math.sqrt(float(np.sum(D * D))) / tn if tn > 0 else None,
+        "lora_norm": ln,
+        "tv_norm": tn,
+        "changed": bool(np.any(T != 0)),
+    }
+    if finetuned is not None and n:
+        bound = ref_half_ulp(np.asarray(finetuned).ravel(), dtype)
+        out["rounding_bound"] = float(bound.max())
+        out["within_rounding"] = float(np.mean(np.abs(D) <= bound))
+    return out
+
+
+def assert_matches(result: TensorComparison, ref: dict) -> None:
+    assert result.numel == ref["numel"]
+    for name in FIGURES:
+        got, want = getattr(result, name), ref[name]
+        if want is None:
+            assert got is None, name
+        else:
+            assert got is not None, name
+            # cosine: absolute (it can be ~0, where relative tolerance means nothing)
+            tol = 1e-12 if name == "cosine" else 0.0
+            assert math.isclose(got, want, rel_tol=1e-9, abs_tol=tol), (name, got, want)
+    if "rounding_bound" in ref:
+        assert result.rounding_bound == ref["rounding_bound"]  # exact: same elementwise ops
+        assert result.within_rounding == pytest.approx(ref["within_rounding"], rel=1e-12)
+    assert result.changed == ref["changed"]
+    assert result.category == (LORA_AND_CHANGED if ref["changed"] else LORA_UNCHANGED)
+
+
+# -- fixtures: a realistic LoRA merge --------------------------------------------------------
+
+
+def merged(rows: int, cols: int, dtype: torch.dtype, seed: int, delta_scale: float = 1e-3):
+    """(base, finetuned, T, exact delta): base in `dtype`, finetuned = cast(base + delta)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(rows, cols, generator=g) * 0.05).to(dtype)
+    delta = torch.randn(rows, cols, generator=g, dtype=torch.float64) * delta_scale
+    finetuned = (base.to(torch.float32) + delta.to(torch.float32)).to(dtype)
+    tv = finetuned.to(torch.float64) - base.to(torch.float64)
+    return base, finetuned, tv, delta
+
+
+def accumulate(
+    name, tv, lora=None, finetuned=None, base=None, *, cuts=(), has_lora=None
+) -> TensorComparison:
+    """Feed row chunks split at `cuts` to one accumulator."""
+    has_lora = lora is not None if has_lora is None else has_lora
+    acc = TensorAccumulator(
+        name,
+        numel=tv.numel(),
+        has_lora=has_lora,
+        finetuned_dtype=None if finetuned is None else finetuned.dtype,
+        base_dtype=None if base is None else base.dtype,
+    )
+    edges = [0, *cuts, tv.shape[0]]
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        acc.update(
+            tv=tv[a:b],
+            lora=None if lora is None else lora[a:b],
+            finetuned=None if finetuned is None else finetuned[a:b],
+            base=None if base is None else base[a:b],
+        )
+    return acc.result()
+
+
+# -- half_ulp --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "half"),
+    [
+        (torch.bfloat16, 1.0, 2.0**-8),
+        (torch.bfloat16, -1.5, 2.0**-8),
+        (torch.bfloat16, 2.0, 2.0**-7),
+        (torch.bfloat16, 0.0, 2.0**-134),  # subnormal spacing 2**-133
+        (torch.float16, 1.0, 2.0**-11),
+        (torch.float16, 0.0, 2.0**-25),
+        (torch.float16, 2.0**-20, 2.0**-25),  # fp16 subnormal
+        (torch.float16, 2.0**-14, 2.0**-25),  # smallest normal: same spacing as subnormals
+        (torch.float16, 65504.0, 16.0),
+        (torch.float32, 1.0, 2.0**-24),
+        (torch.float32, 2.0**-149, 2.0**-150),
+        (torch.float32, 3.0e38, 2.0**103),
+        (torch.float64, 1.0, 2.0**-53),
+    ],
+)
+def test_half_ulp_known_values(dtype, value, half):
+    assert half_ulp(torch.tensor([value], dtype=dtype)).tolist() == [half]
+
+
+def test_half_ulp_is_float64_and_inf_for_non_finite():
+    out = half_ulp(torch.tensor([float("inf"), float("nan"), 1.0], dtype=torch.bfloat16))
+    assert out.dtype == torch.float64
+    assert out.tolist() == [math.inf, math.inf, 2.0**-8]
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32"])
+def test_half_ulp_matches_numpy_spacing_over_every_binade(name):
+    dtype = DTYPES[name]
+    info = torch.finfo(dtype)
+    exps = torch.arange(math.log2(info.tiny) - 12, math.log2(info.max) - 1)
+    values = torch.cat(
+        [torch.exp2(exps), 1.37 * torch.exp2(exps), -torch.exp2(exps), torch.zeros(1)]
+    )
+    x = values.to(dtype)
+    x = x[torch.isfinite(x)]
+    want = ref_half_ulp(x.to(torch.float32).numpy(), name)
+    assert np.array_equal(half_ulp(x).numpy(), want)
+
+
+def test_half_ulp_bounds_real_rounding():
+    """Rounding float64 values to bf16 never moves them by more than half_ulp of the result."""
+    x = torch.randn(10_000, dtype=torch.float64) * torch.exp2(torch.randint(-30, 30, (10_000,)))
+    r = x.to(torch.bfloat16)
+    assert torch.all((r.to(torch.float64) - x).abs() <= half_ulp(r))
+
+
+# -- whole-tensor figures against the reference ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32"])
+def test_lora_figures_match_reference(name):
+    base, finetuned, tv, delta = merged(37, 11, DTYPES[name], seed=1)
+    result = accumulate("w", tv, delta, finetuned, base, cuts=(5, 6, 30))
+    ref = reference(delta, tv, finetuned.to(torch.float32).numpy(), name)
+    assert_matches(result, ref)
+    assert result.category == LORA_AND_CHANGED
+    # A real merge: |L - T| is the rounding of the merged weight. In bf16/fp16 that is all of
+    # it; in fp32 the delta's own fp32 rounding adds a little, so a few elements exceed the
+    # bound (the figure is then worth reporting), though never by much.
+    if name == "float32":
+        assert 0.9 < result.within_rounding < 1.0
+        assert result.max_abs_diff < 2 * result.rounding_bound
+    else:
+        assert result.within_rounding == 1.0
+
+
+def test_rounding_fields_need_finetuned_in_every_chunk():
+    base, finetuned, tv, delta = merged(6, 3, torch.bfloat16, seed=2)
+    acc = TensorAccumulator(
+        "w", numel=18, has_lora=True, finetuned_dtype=torch.bfloat16, base_dtype=torch.bfloat16
+    )
+    acc.update(tv=tv[:3], lora=delta[:3], finetuned=finetuned[:3])
+    acc.update(tv=tv[3:], lora=delta[3:])  # no finetuned: the bound is unknown for these
+    r = acc.result()
+    assert r.rounding_bound is None and r.within_rounding is None
+    assert r.cosine is not None
+
+
+def test_within_rounding_counts_exactly():
+    finetuned = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.bfloat16)
+    tv = torch.zeros(4, dtype=torch.float64)
+    tv[0] = 1.0
+    # |L - T| for elements: 2**-8 (== bound: within), 2**-7 (beyond), 0, 2**-134 (== bound)
+    lora = tv + torch.tensor([2.0**-8, 2.0**-7, 0.0, 2.0**-134], dtype=torch.float64)
+    r = accumulate("w", tv, lora, finetuned)
+    assert r.within_rounding == 0.75
+    assert r.rounding_bound == 2.0**-8
+
+
+# -- nulls, never NaN ---------------------------------------------------------------------
+
+
+def test_zero_lora_gives_null_cosine_not_nan():
+    tv = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    r = accumulate("w", tv, torch.zeros_like(tv))
+    assert r.cosine is None and r.lora_norm == 0.0
+    assert r.relative_error == 1.0 and r.category == LORA_AND_CHANGED
+
+
+def test_zero_task_vector_gives_null_cosine_and_relative_error():
+    lora = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    r = accumulate("w", torch.zeros_like(lora), lora)
+    assert r.cosine is None and r.relative_error is None
+    assert r.category == LORA_UNCHANGED and not r.changed and r.has_lora
+    assert r.max_abs_diff == 2.0 and r.mean_abs_diff == 1.5
+
+
+def test_empty_tensor():
+    empty = torch.zeros((0, 4), dtype=torch.float64)
+    r = accumulate("w", empty, empty, empty.to(torch.bfloat16))
+    assert r.numel == 0 and r.category == LORA_UNCHANGED
+    assert (r.cosine, r.max_abs_diff, r.mean_abs_diff, r.relative_error) == (None,) * 4
+    assert (r.rounding_bound, r.within_rounding) == (None, None)
+    assert (r.lora_norm, r.tv_norm) == (0.0, 0.0)
+    plain = accumulate("b", torch.zeros(0), has_lora=False)
+    assert plain.category == UNCHANGED and plain.tv_norm == 0.0
+
+
+def test_non_finite_figures_become_null():
+    tv = torch.tensor([[1.0, float("nan")]], dtype=torch.float64)
+    r = accumulate("w", tv, torch.ones_like(tv))
+    values = [v for v in r.to_dict().values() if isinstance(v, float)]
+    assert all(math.isfinite(v) for v in values)
+    assert r.cosine is None and r.max_abs_diff is None
+
+
+# -- cosine is never above 1 --------------------------------------------------------------
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.sampled_from([1.0, 3.0, -1.0, 1e-300, 1e300, 7e-5, -123.456, 1 + 2**-52]),
+    spread=st.integers(0, 300),
+    n=st.integers(1, 200),
+)
+@settings(max_examples=150, deadline=None)
+def test_cosine_of_scaled_copies_is_within_one(seed, scale, spread, n):
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal(n) * 10.0 ** rng.integers(-spread // 2 - 1, spread // 2 + 1, n)
+    tv = torch.from_numpy(t).reshape(n, 1)
+    r = accumulate("w", tv, tv * scale, cuts=sorted({int(c) for c in rng.integers(0, n, 3)}))
+    if r.cosine is not None:
+        assert abs(r.cosine) <= 1 + 1e-12
+        assert abs(r.cosine) <= 1.0  # clamped, not merely close
+        assert r.cosine == pytest.approx(math.copysign(1.0, scale), abs=1e-9)
+    else:  # only when a norm is 0 or overflows float64
+        assert r.lora_norm in (0.0, None) or r.tv_norm in (0.0, None)
+
+
+def test_identical_vectors_have_cosine_exactly_one_at_most():
+    # sums of squares that round differently from the dot: raw ratio exceeds 1 for some seeds
+    above = 0
+    for seed in range(200):
+        x = torch.from_numpy(np.random.default_rng(seed).standard_normal(97) * 1e3)
+        dot, n2 = torch.dot(x, x * 3), torch.dot(x * 3, x * 3)
+        above += float(dot / n2.sqrt() / torch.dot(x, x).sqrt()) > 1
+        r = accumulate("w", x.reshape(-1, 1), x.reshape(-1, 1) * 3)
+        assert r.cosine is not None and r.cosine <= 1.0
+    assert above > 0, "no adversarial case found: the clamp test proves nothing"
+
+
+# -- chunked == whole, merge == sequential ----------------------------------------------------
+
+
+@st.composite
+def lora_cases(draw):
+    rows = draw(st.integers(0, 40))
+    cols = draw(st.integers(1, 9))
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind = draw(st.sampled_from(["exact", "equal", "scaled", "zero_lora", "zero_tv", "random"]))
+    base, finetuned, tv, delta = merged(rows, cols, DTYPES[dtype], seed)
+    rng = np.random.default_rng(seed)
+    if kind == "equal":
+        delta = tv.clone()
+    elif kind == "scaled":
+        delta = tv * float(rng.choice([2.0, -0.5, 1e-8, 1e8]))
+    elif kind == "zero_lora":
+        delta = torch.zeros_like(tv)
+    elif kind == "zero_tv":
+        finetuned, tv = base.clone(), torch.zeros_like(tv)
+    elif kind == "random":
+        delta = torch.from_numpy(rng.standard_normal((rows, cols)))
+    cuts = sorted(draw(st.lists(st.integers(0, rows), max_size=6)))
+    return dtype, base, finetuned, tv, delta, cuts
+
+
+@given(case=lora_cases(), split=st.integers(0, 6))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_chunked_equals_whole_reference(case, split):
+    dtype, base, finetuned, tv, delta, cuts = case
+    ref = reference(delta, tv, finetuned.to(torch.float32).numpy(), dtype)
+    whole = accumulate("w", tv, delta, finetuned, base)
+    chunked = accumulate("w", tv, delta, finetuned, base, cuts=cuts)
+    assert_matches(whole, ref)
+    assert_matches(chunked, ref)
+
+    # Two accumulators fed disjoint halves of the chunks, merged (in either order).
+    edges = [0, *cuts, tv.shape[0]]
+    spans = list(zip(edges[:-1], edges[1:], strict=True))
+    for order in (0, 1):
+        halves = [
+            TensorAccumulator(
+                "w",
+                numel=tv.numel(),
+                has_lora=True,
+                finetuned_dtype=finetuned.dtype,
+                base_dtype=base.dtype,
+            )
+            for _ in range(2)
+        ]
+        for i, (a, b) in enumerate(spans):
+            halves[int(i >= split) ^ order].update(
+                tv=tv[a:b], lora=delta[a:b], finetuned=finetuned[a:b], base=base[a:b]
+            )
+        halves[0].merge(halves[1])
+        assert_matches(halves[0].result(), ref)
+
+
+@given(
+    rows=st.integers(0, 30),
+    cols=st.integers(1, 7),
+    seed=st.integers(0, 2**31 - 1),
+    cuts=st.lists(st.integers(0, 30), max_size=5),
+    kind=st.sampled_from(["changed", "unchanged", "round_trip", "round_trip_but_one"]),
+)
+@settings(max_examples=150, deadline=None)
+def test_plain_tensors_chunked_categories_and_norm(rows, cols, seed, cuts, kind):
+    g = torch.Generator().manual_seed(seed)
+    exact = torch.randn(rows, cols, generator=g)
+    if kind in ("round_trip", "round_trip_but_one"):
+        base, finetuned = exact, exact.to(torch.bfloat16)  # fp32 base saved again as bf16
+        if kind == "round_trip_but_one" and finetuned.numel():
+            finetuned.view(-1)[0] += 1.0
+    elif kind == "changed":
+        base, finetuned = exact, exact + torch.randn(rows, cols, generator=g)
+    else:
+        base, finetuned = exact, exact.clone()
+    tv = finetuned.to(torch.float32) - base.to(torch.float32)  # exact for these values
+    cuts = sorted(c for c in cuts if c <= rows)
+    r = accumulate("p", tv, None, finetuned, base, cuts=cuts, has_lora=False)
+
+    changed = bool(np.any(tv.numpy() != 0))
+    assert r.changed == changed and not r.has_lora
+    assert math.isclose(
+        r.tv_norm, float(np.linalg.norm(tv.numpy().astype(np.float64))), rel_tol=1e-9
+    )
+    want = {
+        "changed": CHANGED_NOT_LORA,
+        "unchanged": UNCHANGED,
+        "round_trip": ROUNDING_ONLY,
+        "round_trip_but_one": CHANGED_NOT_LORA,
+    }[kind]
+    if not changed:
+        want = UNCHANGED
+    assert r.category == want
+    assert (r.cosine, r.lora_norm, r.rounding_bound, r.within_rounding) == (None,) * 4
+
+
+# -- categories -------------------------------------------------------------------------------
+
+
+def test_rounding_only_needs_different_dtypes_and_both_chunks():
+    base = torch.randn(8, 4)
+    finetuned = base.to(torch.bfloat16)
+    tv = finetuned.float() - base
+    assert accumulate("x", tv, None, finetuned, base, has_lora=False).category == ROUNDING_ONLY
+    # without the raw chunks, a nonzero T cannot be called rounding-only
+    assert accumulate("x", tv, has_lora=False).category == CHANGED_NOT_LORA
+    # same dtype: a nonzero T is a real change
+    base16 = base.to(torch.bfloat16)
+    other = (base16.float() + 1).to(torch.bfloat16)
+    tv16 = other.float() - base16.float()
+    assert accumulate("x", tv16, None, other, base16, has_lora=False).category == CHANGED_NOT_LORA
+
+
+def test_lora_takes_precedence_over_rounding_only():
+    base = torch.randn(8, 4)
+    finetuned = base.to(torch.bfloat16)  # T is only the round trip
+    tv = finetuned.double() - base.double()
+    lora = torch.full_like(tv, 1e-3)
+    r = accumulate("w", tv, lora, finetuned, base)
+    assert r.category == LORA_AND_CHANGED and not r.rounding_only
+
+
+@given(
+    flags=st.lists(
+        st.tuples(st.booleans(), st.sampled_from(["zero", "round_trip", "real"])),
+        min_size=1,
+        max_size=12,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_categories_partition_tensors(flags):
+    results = []
+    for i, (has_lora, change) in enumerate(flags):
+        base = torch.randn(3, 2)
+        finetuned = {
+            "zero": base.clone(),
+            "round_trip": base.to(torch.bfloat16),
+            "real": base + 1,
+        }[change]
+        tv = finetuned.double() - base.double()
+        lora = torch.ones_like(tv) if has_lora else None
+        results.append(accumulate(f"t{i}", tv, lora, finetuned, base, has_lora=has_lora))
+    counts = {c: sum(r.category == c for r in results) for c in CATEGORIES}
+    assert sum(counts.values()) == len(flags)
+    for r, (has_lora, change) in zip(results, flags, strict=True):
+        assert r.has_lora == has_lora
+        assert r.changed == (change != "zero")
+        assert r.rounding_only == (not has_lora and change == "round_trip")
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def make(has_lora=True, numel=4, name="w"):
+    return TensorAccumulator(
+        name,
+        numel=numel,
+        has_lora=has_lora,
+        finetuned_dtype=torch.bfloat16,
+        base_dtype=torch.float32,
+    )
+
+
+def test_errors_name_the_tensor():
+    t = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(MismatchError, match="^w: a tensor with a LoRA delta needs"):
+        make().update(tv=t)
+    with pytest.raises(MismatchError, match="declared without LoRA"):
+        make(has_lora=False).update(tv=t, lora=t)
+    with pytest.raises(MismatchError, match="not torch.float64"):
+        make().update(tv=t, lora=t.float())
+    with pytest.raises(MismatchError, match=r"shape \(1, 2\)"):
+        make().update(tv=t, lora=t[:1])
+    with pytest.raises(MismatchError, match="finetuned chunk is torch.float16"):
+        make().update(tv=t, lora=t, finetuned=t.half())
+    with pytest.raises(MismatchError, match="received 8 elements, numel is 4"):
+        acc = make()
+        acc.update(tv=t, lora=t)
+        acc.update(tv=t, lora=t)
+    with pytest.raises(MismatchError, match="received 0 of 4 elements"):
+        make().result()
+    with pytest.raises(MismatchError, match="different tensors"):
+        make().merge(make(name="v"))
+    with pytest.raises(MismatchError, match="into itself"):
+        acc = make()
+        acc.merge(acc)
+    with pytest.raises(InputError, match="unknown category"):
+        TensorComparison("w", "changed", 1, *([None] * 8))
+
+
+def test_merge_detects_double_feeding():
+    t = torch.zeros(2, 2, dtype=torch.float64)
+    a, b = make(), make()
+    a.update(tv=t, lora=t)
+    b.update(tv=t, lora=t)
+    with pytest.raises(MismatchError, match="fed twice"):
+        a.merge(b)
+
+
+def test_to_dict_and_from_dict_round_trip():
+    base, finetuned, tv, delta = merged(5, 3, torch.bfloat16, seed=3)
+    r = accumulate("w", tv, delta, finetuned, base)
+    d = r.to_dict()
+    assert list(d) == [
+        "name", "category", "numel", "cosine", "max_abs_diff", "mean_abs_diff",
+        "relative_error", "lora_norm", "tv_norm", "rounding_bound", "within_rounding",
+    ]  # fmt: skip
+    assert TensorComparison.from_dict(d) == r
+    with pytest.raises(InputError, match="lacks cosine"):
+        TensorComparison.from_dict({k: v for k, v in d.items() if k != "cosine"})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_chunks_match_cpu():
+    base, finetuned, tv, delta = merged(64, 33, torch.bfloat16, seed=4)
+    cpu = accumulate("w", tv, delta, finetuned, base, cuts=(7, 40))
+    dev = accumulate("w", tv.cuda(), delta.cuda(), finetuned.cuda(), base.cuda(), cuts=(7, 40))
+    for name in (*FIGURES, "rounding_bound", "within_rounding"):
+        assert getattr(dev, name) == pytest.approx(getattr(cpu, name), rel=1e-12), name
+    assert dev.category == cpu.category
+    b32 = torch.randn(16, 8)
+    plain = accumulate(
+        "p",
+        (b32.to(torch.bfloat16).float() - b32).cuda(),
+        None,
+        b32.to(torch.bfloat16).cuda(),
+        b32.cuda(),
+        cuts=(3,),
+        has_lora=False,
+    )
+    assert plain.category == ROUNDING_ONLY
