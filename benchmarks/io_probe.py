@@ -196,11 +196,29 @@ def machine() -> dict:
     }
 
 
+def alloc_fill(total: int, piece: int, reuse: bool) -> None:
+    """Fill ``total`` bytes of float32 chunks: a fresh torch tensor per chunk, or one reused."""
+    import torch
+
+    n = piece // 4
+    keep = torch.empty(n, dtype=torch.float32) if reuse else None
+    for _off, _n in pieces(total, piece):
+        t = keep if reuse else torch.empty(n, dtype=torch.float32)
+        t.fill_(1.0)
+        del t
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1GB", help="bytes per measurement (1GB = 10^9, 1GiB = 2^30)")
     ap.add_argument("--dir", default="/work/bench-work", help="directory on the filesystem to test")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--idle", type=float, default=5.0,
+                    help="seconds idle before each 'cold' run, so freed guest memory is reported "
+                         "back to the hypervisor (virtio free page reporting) as in a real run")
+    ap.add_argument("--conditions", default="cold,hot", help="write conditions to run: cold,hot")
+    ap.add_argument("--sustained", type=int, default=5,
+                    help="also write N x size in one go without sync (dirty-page throttling); 0: skip")
     ap.add_argument("--only", default="", help="comma list of substrings: run only matching cases")
     ap.add_argument("--json", default="", help="write all runs here")
     args = ap.parse_args(argv)
@@ -218,47 +236,69 @@ def main(argv: list[str] | None = None) -> int:
     fs = shutil.disk_usage(args.dir)
     dev = subprocess.run(["df", "-hT", args.dir], capture_output=True, text=True).stdout.strip()
     info = {**machine(), "dir": args.dir, "df": dev, "size_bytes": total,
-            "free_gb": round(fs.free / 1e9, 1)}
+            "free_gb": round(fs.free / 1e9, 1), "idle_s": args.idle}
     print(f"# io_probe: {total} bytes ({gb:.2f} GB) per run, median of {args.repeat}")
     print(f"# {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
           f"python {info['python']}, kernel {info['kernel']}")
     print("# " + dev.replace("\n", "\n# "))
+    print(f"# hot: new file written right after deleting the previous one (its freed pages are "
+          f"reused); cold: delete, sync, idle {args.idle:g} s first")
 
-    def fresh() -> None:  # new file each run: delete, then flush dirty pages
+    def fresh_hot() -> None:  # new file each run: delete, flush, go at once
         if os.path.exists(dst):
             os.unlink(dst)
         os.sync()
 
-    def existing() -> None:  # a fully written file of the right size, flushed
+    def fresh_cold() -> None:  # new file each run, memory freed long enough ago
+        fresh_hot()
+        time.sleep(args.idle)
+
+    def existing() -> None:  # a fully written file of the right size, flushed, cached
         if not os.path.exists(dst) or os.path.getsize(dst) != total:
-            fresh()
+            fresh_hot()
             pwrite_pieces(dst, mv, total, 256 * K)
         os.sync()
+        time.sleep(args.idle)
 
-    cases: list[tuple[str, str, Callable[[], None], Callable[[], None] | None]] = []
+    def idle() -> None:
+        time.sleep(args.idle)
+
+    write_cases: list[tuple[str, Callable[[], None]]] = []
     for piece in (64 * K, 128 * K, 256 * K, 512 * K, 1 * M, 4 * M, 64 * M):
         name = "f.write whole 64M buffers" if piece == BUF else f"f.write {human(piece)} slices"
-        cases.append(("write", name + " (new file)",
-                      lambda p=piece: write_pieces(dst, mv, total, p), fresh))
+        write_cases.append((name, lambda p=piece: write_pieces(dst, mv, total, p)))
+    for piece in (256 * K, 1 * M):
+        h = human(piece)
+        write_cases += [
+            (f"os.pwrite {h}", lambda p=piece: pwrite_pieces(dst, mv, total, p)),
+            (f"os.pwrite {h}, ftruncate presized",
+             lambda p=piece: pwrite_pieces(dst, mv, total, p, "ftruncate")),
+            (f"os.pwrite {h}, posix_fallocate presized",
+             lambda p=piece: pwrite_pieces(dst, mv, total, p, "fallocate")),
+        ]
+    write_cases.append(("cat 1 file > new file (floor)", lambda: cat_copy(src, dst)))
+
+    cases: list[tuple[str, str, Callable[[], None], Callable[[], None] | None]] = []
+    conds = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    for cond in conds:
+        before = fresh_cold if cond == "cold" else fresh_hot
+        cases += [(f"write {cond}", name, fn, before) for name, fn in write_cases]
     cases += [
-        ("write", "os.pwrite 256K (new file)", lambda: pwrite_pieces(dst, mv, total, 256 * K), fresh),
-        ("write", "os.pwrite 1M (new file)", lambda: pwrite_pieces(dst, mv, total, 1 * M), fresh),
-        ("write", "os.pwrite 256K, ftruncate presized",
-         lambda: pwrite_pieces(dst, mv, total, 256 * K, "ftruncate"), fresh),
-        ("write", "os.pwrite 1M, ftruncate presized",
-         lambda: pwrite_pieces(dst, mv, total, 1 * M, "ftruncate"), fresh),
-        ("write", "os.pwrite 256K, posix_fallocate presized",
-         lambda: pwrite_pieces(dst, mv, total, 256 * K, "fallocate"), fresh),
-        ("write", "os.pwrite 1M, posix_fallocate presized",
-         lambda: pwrite_pieces(dst, mv, total, 1 * M, "fallocate"), fresh),
-        ("write", "os.pwrite 256K, overwrite existing file",
+        ("write", "os.pwrite 256K, overwrite existing cached file",
          lambda: pwrite_pieces(dst, mv, total, 256 * K, "existing"), existing),
-        ("write", "os.pwrite 1M, overwrite existing file",
-         lambda: pwrite_pieces(dst, mv, total, 1 * M, "existing"), existing),
-        ("write", "f.write 64M, overwrite existing file",
+        ("write", "f.write 64M, overwrite existing cached file",
          lambda: write_pieces(dst, mv, total, BUF, "r+b"), existing),
     ]
-    cases.append(("write", "cat 1 file > new file (floor)", lambda: cat_copy(src, dst), fresh))
+    if args.sustained:
+        n = args.sustained
+
+        def sustained(p: int) -> Callable[[], None]:
+            return lambda: write_pieces(dst, mv, n * total, p)
+
+        cases += [
+            (f"write {n}x", f"f.write 256K slices, {n}x size, no sync", sustained(256 * K), fresh_cold),
+            (f"write {n}x", f"f.write 64M buffers, {n}x size, no sync", sustained(BUF), fresh_cold),
+        ]
     for piece in (256 * K, 8 * M):
         cases.append(("read", f"readinto reused {human(piece)} buffer",
                       lambda p=piece: read_into(src, p), None))
@@ -267,6 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("crc32", "xxh3_64", "xxh3_128", "blake2b", "sha256"):
         cases.append(("hash", f"{kind} (8M pieces)",
                       lambda k=kind: checksum(k, mv, total, 8 * M), None))
+    try:
+        import torch  # noqa: F401
+
+        cases += [
+            ("alloc", "torch.empty 64M per chunk + fill (cold)",
+             lambda: alloc_fill(total, BUF, False), idle),
+            ("alloc", "one reused 64M tensor, fill (cold)", lambda: alloc_fill(total, BUF, True), idle),
+        ]
+    except ImportError:
+        pass
 
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if only:
@@ -284,11 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|---:|---:|---|")
     for kind, name, fn, before in cases:
         r = measure(fn, args.repeat, before)
-        r.update(kind=kind, name=name)
+        g = gb * (args.sustained if "x size" in name else 1)
+        r.update(kind=kind, name=name, gb=g)
         results.append(r)
         runs = ", ".join(f"{x['wall']:.2f}" for x in r["runs"])
-        print(f"| {kind} | {name} | {r['wall'] / gb:.3f} | {gb / r['wall']:.2f} | "
-              f"{r['user'] / gb:.3f} | {r['sys'] / gb:.3f} | {runs} |", flush=True)
+        print(f"| {kind} | {name} | {r['wall'] / g:.3f} | {g / r['wall']:.2f} | "
+              f"{r['user'] / g:.3f} | {r['sys'] / g:.3f} | {runs} |", flush=True)
 
     for p in (dst, src):
         if os.path.exists(p):
