@@ -52,7 +52,36 @@ def subtract(
         return out.sub_(base)
     acc = finetuned.to(work)
     acc.sub_(base)
-    return out.copy_(acc)
+    return out.copy_(round_to(acc, out.dtype))
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` correctly rounded (to nearest, ties to even) to ``dtype``.
+
+    # subtle: torch converts float64 to bf16/fp16 through float32, which rounds twice
+    # (``1 + 2**-8 + 2**-30`` becomes ``1 + 2**-8`` in float32, then ``1`` in bf16, while the
+    # nearest bf16 is ``1 + 2**-7``). Rounding to float32 *to odd* first and then to the
+    # 16-bit type gives the correctly rounded result, as float32 keeps more than 2p+2 bits.
+
+    >>> x = torch.tensor([1 + 2**-8 + 2**-30], dtype=torch.float64)
+    >>> x.to(torch.bfloat16).item(), round_to(x, torch.bfloat16).item()
+    (1.0, 1.0078125)
+    """
+    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    return _float32_round_to_odd(x).to(dtype)
+
+
+def _float32_round_to_odd(x: torch.Tensor) -> torch.Tensor:
+    r = x.to(torch.float32)
+    back = r.to(torch.float64)
+    inexact = back != x
+    bits = r.view(torch.int32)
+    # Truncate toward zero where nearest rounding went away from it (sign-magnitude bits:
+    # one less in the integer view is one ulp closer to zero), then set the last bit.
+    bits = torch.where(inexact & (back.abs() > x.abs()), bits - 1, bits)
+    bits = torch.where(inexact, bits | 1, bits)
+    return bits.view(torch.float32)
 
 
 def add_scaled(

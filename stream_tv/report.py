@@ -182,6 +182,10 @@ def _dtype_label(inputs: dict[str, Any]) -> str:
     return _DTYPE_SHORT.get(text, text)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _explained(t: TensorComparison) -> bool:
     if t.within_rounding == 1.0:
         return True
@@ -262,7 +266,9 @@ class CompareReport:
             parts.append(f"The adapter has no delta for any of {cov['changed']} changed tensors")
         elif covered:
             explained = [t for t in covered if _explained(t)]
-            details = [f"mean cosine {_fmt_cos(self.summary['mean_cosine'])}"]
+            # The figures in this clause are over the explained tensors; the departures get
+            # their own clause, and the summary table has the figures over all covered ones.
+            details = [f"mean cosine {_fmt_cos(_mean(t.cosine for t in explained))}"]
             within = self._within_fraction(explained)
             if within == 1.0:
                 details.append(f"all differences within {dtype} rounding")
@@ -275,8 +281,9 @@ class CompareReport:
             departed = [t for t in covered if not _explained(t)]
             if departed:
                 worst = min(departed, key=lambda t: -2.0 if t.cosine is None else t.cosine)
+                verb = "departs" if len(departed) == 1 else "depart"
                 parts.append(
-                    f"{len(departed)} LoRA tensors depart from it "
+                    f"{_count(len(departed), 'LoRA tensor')} {verb} from it "
                     f"(worst cosine {_fmt_cos(worst.cosine)} at {worst.name})"
                 )
         outside = cov[CHANGED_NOT_LORA] + cov[ROUNDING_ONLY]
@@ -290,9 +297,9 @@ class CompareReport:
         elif outside and cov[ROUNDING_ONLY]:
             parts.append(f"{cov[ROUNDING_ONLY]} of them only by {dtype} rounding")
         if cov[LORA_UNCHANGED]:
-            parts.append(
-                f"{cov[LORA_UNCHANGED]} tensors with a LoRA delta are unchanged in the model"
-            )
+            n = cov[LORA_UNCHANGED]
+            verb = "is" if n == 1 else "are"
+            parts.append(f"{_count(n, 'tensor')} with a LoRA delta {verb} unchanged in the model")
         return "; ".join(parts)
 
     # -- JSON ----------------------------------------------------------------------------
@@ -365,10 +372,10 @@ class CompareReport:
         total = cov["total"]
         meaning = {
             LORA_AND_CHANGED: "LoRA delta, tensor changed",
-            LORA_UNCHANGED: "LoRA delta, tensor unchanged",
-            CHANGED_NOT_LORA: "changed outside the adapter",
+            LORA_UNCHANGED: "LoRA delta, tensor not changed",
+            CHANGED_NOT_LORA: "changed, no LoRA delta",
             ROUNDING_ONLY: "changed only by dtype rounding",
-            UNCHANGED: "unchanged",
+            UNCHANGED: "no LoRA delta, not changed",
         }
         rows = [
             (f"{c} ({meaning[c]})", str(cov[c]), _fmt_pct(cov[c] / total) if total else "n/a")
@@ -417,9 +424,13 @@ class CompareReport:
     def to_markdown(self, *, worst: int = 10) -> str:
         """A Markdown report: headline, inputs, summary, coverage, worst tensors, per layer."""
 
-        def table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[str]:
-            align = ["---" if i == 0 else "---:" for i in range(len(header))]
-            lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+        def table(
+            header: tuple[str, ...], rows: Iterable[tuple[str, ...]], align: str = ""
+        ) -> list[str]:
+            """A Markdown table; ``align`` has one l/r per column (default: text, then figures)."""
+            align = align or "l" + "r" * (len(header) - 1)
+            marks = ["---:" if a == "r" else "---" for a in align]
+            lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
             return lines + [""]
 
@@ -427,7 +438,7 @@ class CompareReport:
         inputs = _json_safe(self.inputs)
         if inputs:
             out += ["## Inputs", ""]
-            out += table(("input", "value"), ((k, f"`{v}`") for k, v in inputs.items()))
+            out += table(("input", "value"), ((k, f"`{v}`") for k, v in inputs.items()), "ll")
         out += ["## Summary", ""]
         out += [
             "Over tensors that have both a LoRA delta and a nonzero task vector; "
@@ -481,6 +492,7 @@ class CompareReport:
                 "worst module",
             ),
             self._layer_rows(),
+            "lrrrrrrl",
         )
         return "\n".join(out).rstrip() + "\n"
 
@@ -528,9 +540,8 @@ class CompareReport:
         """
         try:
             import matplotlib
-
-            matplotlib.use("Agg", force=True)
-            import matplotlib.pyplot as plt
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
             from matplotlib.ticker import FuncFormatter, LogLocator
         except ImportError:
             raise InputError("plotting needs matplotlib: pip install 'stream-tv[plot]'") from None
@@ -547,10 +558,12 @@ class CompareReport:
         # subtle: cosines of a good adapter sit at 0.99999x, a bad one at 0.5; on a linear
         # axis one of the two is invisible. Plot the distance 1 - cos on a log axis.
         floor = 1e-16
-        fig, (ax_cos, ax_rel) = plt.subplots(
-            2, 1, figsize=(11, 7.5), sharex=True, constrained_layout=True
-        )
-        cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+        # subtle: no pyplot. A bare Figure on an Agg canvas leaves the caller's backend and
+        # pyplot state (a notebook, a GUI) untouched, and needs no display.
+        fig = Figure(figsize=(11, 7.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax_cos, ax_rel = fig.subplots(2, 1, sharex=True)
+        cmap = matplotlib.colormaps["tab10" if len(series) <= 10 else "tab20"]
         for i, (label, points) in enumerate(sorted(series.items())):
             layers = sorted(points)
             style = {"color": cmap(i % cmap.N), "marker": "o", "markersize": 3, "lw": 1.2}
@@ -576,7 +589,7 @@ class CompareReport:
             fontsize=8,
             color="0.3",
         )
-        ax_cos.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{1 - y:.{_digits(y)}f}"))
+        ax_cos.yaxis.set_major_formatter(FuncFormatter(lambda y, _: _cos_tick(y)))
         ax_cos.invert_yaxis()  # better agreement is higher, as with a plain cosine axis
         ax_cos.set_ylabel("cosine(L, T)  [log scale of 1 - cos]")
         ax_cos.set_title("Cosine of LoRA delta L and task vector T (higher is better)", fontsize=10)
@@ -585,14 +598,8 @@ class CompareReport:
         ax_rel.set_xlabel("layer")
         ax_rel.xaxis.get_major_locator().set_params(integer=True)
         if series:
-            ax_rel.legend(
-                title="module",
-                fontsize=8,
-                title_fontsize=8,
-                loc="upper left",
-                bbox_to_anchor=(1.01, 1.0),
-                frameon=False,
-            )
+            # "outside" placement makes constrained_layout leave room: nothing is clipped.
+            fig.legend(title="module", fontsize=8, title_fontsize=8, loc="outside right upper")
         else:
             ax_cos.text(
                 0.5,
@@ -609,11 +616,12 @@ class CompareReport:
             fontsize=11,
         )
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
 
-def _digits(gap: float) -> int:
-    """Decimals that show a cosine whose distance from 1 is ``gap``."""
+def _cos_tick(gap: float) -> str:
+    """The cosine at distance ``gap`` from 1, as a tick label: 0.9999, or 1 - 1e-09."""
     if gap <= 0 or not math.isfinite(gap):
-        return 1
-    return max(1, min(16, math.ceil(-math.log10(gap))))
+        return "1"
+    if gap < 1e-6:
+        return f"1 - {gap:.0e}"
+    return f"{1 - gap:.{max(1, math.ceil(-math.log10(gap)))}f}"

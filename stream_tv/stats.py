@@ -118,34 +118,46 @@ class TensorComparison:
         return cls(**{n: data[n] for n in names})
 
 
+#: Finetuned dtypes with a rounding bound, and the same-size integer dtype to read their bits.
+_BITS_OF = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+
 def half_ulp(x: torch.Tensor) -> torch.Tensor:
     """Half an ulp of every element of ``x`` in its own dtype, as float64 (vectorised).
 
     This is the largest error of rounding a real number to the nearest value of ``x``'s
     dtype that lands on ``x``. The ulp is the spacing from ``|x|`` to the next representable
-    value away from zero: ``2**(e - p)`` with ``|x| = m * 2**e``, ``m`` in ``[0.5, 1)``, and
-    ``p`` the significand bits (bf16 8, fp16 11, fp32 24, fp64 53); zero and subnormals get
-    the subnormal spacing. Non-finite elements get ``inf``.
+    value away from zero: ``2**(e - p)`` for ``|x| = m * 2**e`` with ``m`` in ``[0.5, 1)`` and
+    ``p`` significand bits (bf16 8, fp16 11, fp32 24, fp64 53); zero and subnormals have the
+    subnormal spacing. Non-finite elements get ``inf``. Supports bf16, fp16, fp32 and fp64
+    (fp64 subnormals get ``2**-1022``, a harmless overestimate).
 
     >>> half_ulp(torch.tensor([1.0, 3.0, 0.0], dtype=torch.bfloat16)).tolist()
     [0.00390625, 0.0078125, 4.591774807899561e-41]
     >>> half_ulp(torch.tensor([1.0], dtype=torch.float16)).tolist() == [2.0**-11]
     True
     """
+    if x.dtype not in _BITS_OF:
+        raise InputError(f"no rounding bound for {x.dtype}", hint="use bf16, fp16, fp32 or fp64")
     info = torch.finfo(x.dtype)
-    bits = 1 - round(math.log2(info.eps))  # significand bits, including the implicit one
-    emin = round(math.log2(info.tiny)) + 1  # frexp exponent of the smallest normal
-    # subtle: bf16/fp16/fp8 -> fp32 is exact; frexp is not implemented for every dtype.
-    work = x if x.dtype == torch.float64 else x.to(torch.float32)
-    _, exp = torch.frexp(work)
-    # subtle: frexp(0) has exponent 0, which would give zero a huge ulp.
-    exp = torch.where(work == 0, emin, exp).clamp_min(emin)
-    # Build 2**(exp - bits - 1) from its float64 bit pattern: exact on every device (exp2 and
-    # ldexp are libm/pow calls whose exactness is not guaranteed everywhere). Only float64
-    # inputs reach below the normal float64 range; they get 2**-1022, a slight overestimate.
-    power = (exp.to(torch.int64) - (bits + 1)).clamp_min_(-1022)
-    half = ((power + 1023) << 52).view(torch.float64)
-    return torch.where(torch.isfinite(work), half, math.inf)
+    stored = round(-math.log2(info.eps))  # significand bits stored: bf16 7, fp16 10, fp32 23
+    bias = 1 - round(math.log2(info.tiny))  # exponent bias: bf16/fp32 127, fp16 15
+    all_ones = (1 << (info.bits - 1 - stored)) - 1  # the exponent field of inf and NaN
+    # Read the biased exponent field E straight from the bits: exact, on every device, and
+    # in the input's width (frexp on a float32 copy costs several times more on big chunks).
+    exp = (x.view(_BITS_OF[x.dtype]) >> stored) & all_ones
+    non_finite = exp == all_ones
+    exp.clamp_min_(1)  # zero and subnormals: the spacing of the smallest normal binade
+    # half ulp = 2**(E - bias - stored - 1), built as the float64 with that exponent field
+    # (the sum is >= 1 except for fp64 subnormals, clamped to 2**-1022).
+    field = exp.to(torch.int64).add_(1023 - bias - stored - 1).clamp_min_(1)
+    half = field.bitwise_left_shift_(52).view(torch.float64)
+    return half.masked_fill_(non_finite, math.inf)
 
 
 def _add(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -193,6 +205,12 @@ class TensorAccumulator:
       saved again as bf16). Needs ``finetuned`` and ``base`` in every chunk.
     - ``changed_not_lora``: no LoRA delta, ``T`` nonzero, not rounding-only.
     - ``unchanged``: no LoRA delta, ``T`` all zero.
+
+    Rounding: ``rounding_bound`` and ``within_rounding`` need ``finetuned`` in every chunk,
+    in bf16, fp16, fp32 or fp64; otherwise they are null. They measure ``|L - T|`` against
+    half an ulp of the merged weight, the one rounding a bf16/fp16 merge adds. In fp32
+    models the fp32 rounding of PEFT's own delta ``scaling * B @ A`` comes on top, so a few
+    elements beyond the bound (``within_rounding`` just under 1) are expected there.
 
     State lives in 0-dim tensors on the chunks' device, so updates do not synchronise a GPU;
     :meth:`result` does, once.
@@ -317,7 +335,7 @@ class TensorAccumulator:
         d.abs_()  # in place: no second temporary of chunk size
         self._sum_abs = _add(self._sum_abs, d.sum())
         self._max_abs = _max(self._max_abs, d.max())
-        if finetuned is not None and finetuned.dtype.is_floating_point:
+        if finetuned is not None and finetuned.dtype in _BITS_OF:
             bound = half_ulp(finetuned.to(t.device).reshape(-1))
             self._max_bound = _max(self._max_bound, bound.max())
             self._within = _add(self._within, torch.count_nonzero(d <= bound))

@@ -531,3 +531,11 @@ def test_cuda_chunks_match_cpu():
         has_lora=False,
     )
     assert plain.category == ROUNDING_ONLY
+
+
+def test_rounding_fields_null_for_dtypes_without_a_bound():
+    with pytest.raises(InputError, match="no rounding bound for torch.float8_e4m3fn"):
+        half_ulp(torch.zeros(2, dtype=torch.float8_e4m3fn))
+    tv = torch.ones(2, 2, dtype=torch.float64)
+    r = accumulate("w", tv, tv, tv.to(torch.float8_e4m3fn))
+    assert r.rounding_bound is None and r.within_rounding is None and r.cosine == 1.0
