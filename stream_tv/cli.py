@@ -270,6 +270,80 @@ def apply(base: str, task_vectors: tuple[str, ...], out: str, as_json: bool, **k
                f"{len(result.untouched)} tensor(s) copied from the base unchanged")
 
 
+@cli.command()
+@click.option("--base", help="Base model (T = finetuned - base; DoRA adapters need it).")
+@click.option("--finetuned", help="Fine-tuned or merged model.")
+@click.option("--adapter", help="PEFT LoRA adapter whose delta L is compared with T.")
+@click.option(
+    "--task-vector",
+    "task_vectors",
+    multiple=True,
+    help="A task vector written by `extract`, instead of --finetuned; twice to compare two.",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False), help="Write a Markdown report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here (needs matplotlib).")
+@click.option("--worst", default=5, show_default=True, help="Worst tensors listed in the terminal.")
+@click.option("--allow-missing", is_flag=True, help="Skip tensors present in only one model.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--chunk-size", default=None, metavar="SIZE", help="Bytes per chunk in flight, e.g. 64MB.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def compare(
+    base: str | None,
+    finetuned: str | None,
+    adapter: str | None,
+    task_vectors: tuple[str, ...],
+    json_path: str | None,
+    md_path: str | None,
+    plot_path: str | None,
+    worst: int,
+    allow_missing: bool,
+    device: str,
+    chunk_size: str | None,
+    quiet: bool,
+) -> None:
+    """Compare a LoRA delta (scaling * B @ A) with the task vector of the model it produced.
+
+    Per tensor: cosine, max/mean |L - T|, relative error, norms, and how much of the
+    difference the finetuned dtype's rounding explains; plus coverage: what the adapter
+    covers, what changed outside it, what changed only by dtype rounding.
+
+    \b
+    Examples:
+      stream-tv compare --base ./base --finetuned ./merged --adapter ./lora --json r.json
+      stream-tv compare --task-vector ./tv --adapter ./lora --markdown r.md
+      stream-tv compare --task-vector ./tv_a --task-vector ./tv_b
+    """
+    from .api import RunOptions
+    from .compare import compare as do_compare
+
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError(
+                "--plot needs matplotlib: pip install 'stream-tv[plot]'"
+            ) from None
+    options = RunOptions(device=device, chunk_size=chunk_size, progress=not quiet)
+    report = do_compare(
+        base=base,
+        finetuned=finetuned,
+        adapter=adapter,
+        task_vectors=task_vectors,
+        allow_missing=allow_missing,
+        options=options,
+    )
+    click.echo(report.render_terminal(worst=worst))
+    for path, text in ((json_path, report.to_json), (md_path, report.to_markdown)):
+        if path:
+            with open(path, "w") as fh:
+                fh.write(text())
+            click.echo(f"wrote {path}")
+    if plot_path:
+        report.plot(plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``stream-tv`` console script."""
     cli.main(args=argv, prog_name="stream-tv")
