@@ -13,6 +13,7 @@ objects; they never print (the progress bar, on stderr, is the one exception).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, engine, ops
-from .errors import InputError, MismatchError
+from .errors import DiskError, InputError, MismatchError
 from .io.index import Checkpoint, TensorSpec, dtype_name
 from .io.writer import (
     OutputPlan,
@@ -29,6 +30,7 @@ from .io.writer import (
     ShardWriter,
     check_output_location,
     copy_side_files,
+    format_size,
     parse_size,
 )
 from .refs import open_checkpoint
@@ -139,6 +141,8 @@ class RunOptions:
     overwrite: bool = False
     progress: bool = True
     on_nonfinite: str = "error"
+    restart: bool = False  # discard an unfinished run in the output directory, do not resume
+    space_check: bool = True  # refuse up front when the output's file system lacks the space
 
     def chunk_bytes(self) -> int:
         if self.chunk_size is None:
@@ -180,14 +184,19 @@ def write_checkpoint(
     plan = OutputPlan.build([t.out for t in writing], options.shard_bytes())
     fingerprint = plan.fingerprint(
         repr(sorted((k, str(v)) for k, v in metadata.items() if k != "stream_tv_version"))
+        + _inputs_identity(inputs)
     )
-    writer = ShardWriter(out_path, plan, fingerprint, overwrite=options.overwrite)
+    writer = ShardWriter(
+        out_path, plan, fingerprint, overwrite=options.overwrite, resume=not options.restart
+    )
     stats_checks = engine.run(
         checks, device=device, chunk_bytes=chunk, progress=False, on_nonfinite="ignore"
     )
     writer.begin()
     resumed = len(writer.completed)
     try:
+        if options.space_check:
+            _check_free_space(out_path, plan, writer.completed)
         stats = engine.run(
             [*tasks],
             device=device,
@@ -215,6 +224,34 @@ def write_checkpoint(
     )
 
 
+def _inputs_identity(inputs: Sequence[Path]) -> str:
+    """Path, size and modification time of every input file, for the resume fingerprint: a
+    rerun whose inputs were replaced (same names, other bytes) must not resume."""
+    parts = []
+    for p in inputs:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file():
+            parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(sorted(parts))
+
+
+def _check_free_space(out: Path, plan: OutputPlan, completed: dict[int, int]) -> None:
+    """Refuse before writing when the output's file system cannot hold the shards still to
+    write (shards completed by an interrupted run are already there)."""
+    needed = sum(s.size for i, s in enumerate(plan.shards) if i not in completed)
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise DiskError(
+            f"not enough free space: the output needs {format_size(needed)}, "
+            f"the file system has {format_size(free)} free",
+            where=str(out),
+            hint="free space or choose another output directory; --no-space-check writes anyway",
+        )
+
+
 def _json_value(v: object) -> object:
     if isinstance(v, (list, tuple)):
         return [_json_value(x) for x in v]
@@ -229,7 +266,8 @@ def input_paths(*ckpts: Checkpoint) -> list[Path]:
     paths: list[Path] = []
     for c in ckpts:
         paths.extend(c.files)
-        if c.root is not None:
+        single_file = c.reference.endswith(".safetensors") and Path(c.reference).expanduser().is_file()
+        if c.root is not None and not single_file:  # a file's directory is not an input
             paths.append(c.root)
     return paths
 
@@ -365,6 +403,7 @@ def extract_task_vector(
 
     skipped: list[str] = []
     if skip_unchanged:
+        check_output_location(Path(out), input_paths(b, f))  # before the scan reads data
         skipped = _unchanged_scan(b, f, float_names, options)
         skipped_set = set(skipped)
         float_names = [n for n in float_names if n not in skipped_set]
@@ -509,7 +548,7 @@ def _apply_task(
     if not terms:
 
         def compute(chunk: engine.Chunk) -> torch.Tensor:
-            return chunk.out.copy_(chunk.inputs[0])
+            return chunk.out.copy_(ops.round_to(chunk.inputs[0], chunk.out.dtype))
 
         work = 0
     else:

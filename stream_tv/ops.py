@@ -107,7 +107,7 @@ def add_scaled(
         else:
             acc.add_(tv, alpha=scale)
     if acc.data_ptr() != out.data_ptr():
-        out.copy_(acc)
+        out.copy_(round_to(acc, out.dtype))  # float64 -> bf16/fp16: once, not via float32
     return out
 
 

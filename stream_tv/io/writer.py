@@ -23,6 +23,7 @@ import shutil
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ from .index import INDEX_NAME, dtype_name
 STATE_DIR = ".stream-tv"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
+# Index metadata key: {shard file name: "crc32:<8 hex digits>"}, the crc32 of each whole
+# shard file as written; `stream-tv verify` checks it.
+CHECKSUMS_KEY = "stream_tv_checksums"
 WRITE_PIECE = 256 * 1024  # bytes per write() call; see benchmarks/RESULTS.md ("Writer")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
@@ -59,12 +63,14 @@ def parse_size(text: str | int) -> int:
     >>> parse_size("256MB"), parse_size("1.5GiB"), parse_size(1024)
     (256000000, 1610612736, 1024)
     """
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}; write e.g. 64MB, 5GB or 1GiB")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"cannot read size {text!r}; write e.g. 64MB, 5GB or 1GiB")
+        # Fraction, not float: "0.29GB" is 290000000 bytes, not 289999999.
+        value = int(Fraction(m.group(1)) * _UNITS[m.group(2).upper()])
     if value <= 0:
         raise ValueError(f"size {text!r} must be positive")
     return value
@@ -178,18 +184,19 @@ class OutputPlan:
 
 
 def check_output_location(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output directory equal to, inside, or containing an input."""
+    """Refuse an output directory equal to, inside, or containing an input (a directory),
+    or equal to or containing an input file. A directory next to an input file is fine:
+    ``extract base.safetensors ft.safetensors -o tv`` writes nothing beside the inputs."""
     target = out.resolve()
     for p in inputs:
         src = p.resolve()
-        src_dir = src if src.is_dir() else src.parent
-        if target == src_dir or src_dir in target.parents or (src.is_dir() and target in src.parents):
+        if src.is_dir() and (target == src or src in target.parents or target in src.parents):
             raise OutputError(
                 f"the output directory overlaps the input {p}",
                 where=str(out),
                 hint="inputs are never written; choose an output directory outside the inputs",
             )
-        if not src.is_dir() and target in src.parents:
+        if not src.is_dir() and (target == src or target in src.parents):
             raise OutputError(
                 f"the output directory contains the input {p}",
                 where=str(out),
@@ -226,24 +233,39 @@ class ShardWriter:
 
     # ---- directory preparation -------------------------------------------------------
     def begin(self) -> None:
+        try:
+            self._begin()
+        except BaseException:
+            self._unlock()  # a refusal must not keep the directory locked in this process
+            raise
+
+    def _begin(self) -> None:
         out = self.out
         if out.exists() and not out.is_dir():
             raise OutputError("exists and is not a directory", where=str(out))
-        state_path = out / STATE_DIR / STATE_FILE
-        state = _read_state(state_path)
+        if (out / STATE_DIR).is_dir():
+            self._lock()  # before reading the journal: a run in progress owns it
+        state = _read_state(out / STATE_DIR / STATE_FILE)
         finished = (out / INDEX_NAME).exists()
         if out.exists() and any(out.iterdir()):
-            if self.resume and state is not None and state.get("fingerprint") == self.fingerprint and not finished:
+            if self.resume and state is not None and state.get("fingerprint") == self.fingerprint:
                 self._lock()
+                if finished:  # killed after the index, before the journal went: redo the end
+                    (out / INDEX_NAME).unlink()
                 self.completed = self._verified_completed(state)
                 return
-            if not self.overwrite:
-                what = "an unfinished run of a different command" if state and not finished else "files"
-                raise OutputError(
-                    f"output directory already holds {what}",
-                    where=str(out),
-                    hint="pass --overwrite to replace it, or choose another directory",
-                )
+            restart = state is not None and not finished and not self.resume
+            if not self.overwrite and not restart:
+                if state is not None and not finished:
+                    what = "an unfinished run of a different command (other inputs or options)"
+                    hint = (
+                        "rerun that command to resume it, pass --restart to discard it, "
+                        "or choose another directory"
+                    )
+                else:
+                    what = "a finished model" if finished else "files"
+                    hint = "pass --overwrite to replace it, or choose another directory"
+                raise OutputError(f"output directory already holds {what}", where=str(out), hint=hint)
             self._lock()
             self._clear()
         else:
@@ -255,6 +277,8 @@ class ShardWriter:
         self._save_state()
 
     def _lock(self) -> None:
+        if self._lock_fd is not None:
+            return
         state_dir = self.out / STATE_DIR
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +319,7 @@ class ShardWriter:
             i = int(key)
             layout = self.plan.shards[i]
             path = self.out / layout.name
-            if path.is_file() and path.stat().st_size == layout.size and _file_crc(path, len(layout.header)) == crc:
+            if path.is_file() and path.stat().st_size == layout.size and _file_crc(path) == crc:
                 with open(path, "rb") as f:
                     if f.read(len(layout.header)) == layout.header:
                         done[i] = crc
@@ -303,7 +327,7 @@ class ShardWriter:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         for p in self.out.iterdir():
-            if p.name.startswith(".model-"):
+            if p.name.startswith(".model-") or p.name == f".{INDEX_NAME}.tmp":
                 p.unlink()
         return done
 
@@ -322,6 +346,11 @@ class ShardWriter:
 
     def write(self, name: str, byte_offset: int, data: memoryview) -> None:
         """Write ``data`` at ``byte_offset`` inside tensor ``name``; bytes arrive in order."""
+        if len(data) == 0:
+            # subtle: an empty tensor owns no bytes. Opening its shard here would reopen (and
+            # truncate) a shard already completed by the tensors before it; a shard of empty
+            # tensors only is written by finish().
+            return
         i = self.plan.shard_of[name]
         shard = self._open.get(i) or self._open_shard(i)
         start = shard.layout.offsets[name] + byte_offset
@@ -335,13 +364,7 @@ class ShardWriter:
                     written += os.pwrite(shard.fd, piece[written:], start + k + written)
         except OSError as e:
             self._abandon(i)
-            if e.errno == errno.ENOSPC:
-                raise DiskError(
-                    f"disk full while writing {shard.layout.name}",
-                    where=str(self.out),
-                    hint="free space and rerun the same command: completed shards are kept",
-                ) from e
-            raise DiskError(f"writing {shard.layout.name} failed: {e.strerror}", where=str(self.out)) from e
+            raise self._disk_error(e, f"writing {shard.layout.name}") from e
         shard.crc = zlib.crc32(data, shard.crc)
         shard.position = start + len(data)
         shard.expected -= len(data)
@@ -353,25 +376,60 @@ class ShardWriter:
         tmp = self.out / f".{layout.name}.partial"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-            os.pwrite(fd, layout.header, 0)
         except OSError as e:
-            raise DiskError(f"cannot create {tmp.name}: {e.strerror}", where=str(self.out)) from e
-        shard = _OpenShard(layout, fd, tmp, layout.size - len(layout.header), position=len(layout.header))
+            raise self._disk_error(e, f"creating {tmp.name}") from e
+        try:
+            if os.pwrite(fd, layout.header, 0) != len(layout.header):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise self._disk_error(e, f"writing {tmp.name}") from e
+        # The checksum covers the whole file (header included), as `crc32 FILE` computes it.
+        shard = _OpenShard(
+            layout,
+            fd,
+            tmp,
+            layout.size - len(layout.header),
+            crc=zlib.crc32(layout.header),
+            position=len(layout.header),
+        )
         self._open[i] = shard
         if shard.expected == 0:
             self._close_shard(i)
         return shard
 
     def _close_shard(self, i: int) -> None:
-        shard = self._open.pop(i)
+        # fsync before the rename: a shard under its final name (and in the journal) is on
+        # disk, so a resume after a power loss never trusts a file whose data was still in
+        # the page cache (~0.3 s per GB here: the write-back the kernel would do anyway).
+        shard = self._open[i]
         try:
-            os.fsync(shard.fd)
+            os.fsync(shard.fd)  # delayed allocation can report a full disk only here
+        except OSError as e:
+            self._abandon(i)
+            raise self._disk_error(e, f"finishing {shard.layout.name}") from e
+        del self._open[i]
+        try:
             os.close(shard.fd)
             os.replace(shard.tmp, self.out / shard.layout.name)
         except OSError as e:
-            raise DiskError(f"finishing {shard.layout.name} failed: {e.strerror}", where=str(self.out)) from e
+            with contextlib.suppress(OSError):
+                shard.tmp.unlink()
+            raise self._disk_error(e, f"finishing {shard.layout.name}") from e
         self.completed[i] = shard.crc
         self._save_state()
+
+    def _disk_error(self, e: OSError, doing: str) -> DiskError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskError(
+                f"disk full while {doing}: {e.strerror}; the unfinished shard was removed",
+                where=str(self.out),
+                hint="free space and rerun the same command: completed shards are kept",
+            )
+        return DiskError(f"{doing} failed: {e.strerror or e}", where=str(self.out))
 
     def _abandon(self, i: int) -> None:
         shard = self._open.pop(i, None)
@@ -395,8 +453,15 @@ class ShardWriter:
         missing = [s.name for i, s in enumerate(self.plan.shards) if i not in self.completed]
         if missing:
             raise AssertionError(f"shards not written: {missing[:3]}")  # engine bug
+        checksums = {
+            s.name: f"crc32:{self.completed[i]:08x}" for i, s in enumerate(self.plan.shards)
+        }
         index = {
-            "metadata": {"total_size": self.plan.total_size, **metadata},
+            "metadata": {
+                "total_size": self.plan.total_size,
+                **metadata,
+                CHECKSUMS_KEY: checksums,
+            },
             "weight_map": {
                 name: self.plan.shards[i].name for name, i in sorted(self.plan.shard_of.items())
             },
@@ -422,10 +487,10 @@ def _read_state(path: Path) -> dict | None:
     return state if isinstance(state, dict) else None
 
 
-def _file_crc(path: Path, skip: int) -> int:
+def _file_crc(path: Path) -> int:
+    """crc32 of a whole file, read in 8 MiB blocks."""
     crc = 0
     with open(path, "rb") as f:
-        f.seek(skip)
         while block := f.read(8 << 20):
             crc = zlib.crc32(block, crc)
     return crc
@@ -440,7 +505,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise DiskError(f"cannot write {path.name}: {e.strerror}", where=str(path.parent)) from e
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise DiskError(
+            f"{'disk full: ' if full else ''}cannot write {path.name}: {e.strerror}",
+            where=str(path.parent),
+            hint="free space and rerun the same command: completed shards are kept" if full else None,
+        ) from e
 
 
 def _remove(p: Path) -> None:

@@ -1,0 +1,232 @@
+"""engine.py and ops.py: row chunking (properties), the streaming loop with real files, error
+propagation, and the per-chunk maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_tensors
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from stream_tv import engine, ops
+from stream_tv.errors import (
+    CorruptCheckpointError,
+    InputError,
+    MismatchError,
+    NonFiniteError,
+)
+from stream_tv.io.index import INDEX_NAME, read_header
+from stream_tv.io.writer import OutputPlan, OutTensor, ShardWriter
+
+CPU = torch.device("cpu")
+
+# ---- row_ranges --------------------------------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=300),
+    st.integers(min_value=-2, max_value=60),
+    st.integers(min_value=1, max_value=5),
+)
+def test_row_ranges_properties(rows, per_chunk, min_rows):
+    ranges = engine.row_ranges(rows, per_chunk, min_rows)
+    if rows == 0:
+        assert ranges == []
+        return
+    assert ranges[0][0] == 0 and ranges[-1][1] == rows  # covers [0, rows) ...
+    for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False):
+        assert b == c  # ... contiguously, without overlap
+    step = max(per_chunk, min_rows, 1)
+    for a, b in ranges:
+        assert b - a >= min(min_rows, rows)  # never a short chunk, not even the last
+        assert b - a <= step + min_rows - 1  # the last may absorb a short tail, no more
+    assert all(b - a == step for a, b in ranges[:-1])
+
+
+def test_row_ranges_examples():
+    assert engine.row_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert engine.row_ranges(9, 4) == [(0, 4), (4, 9)]
+    assert engine.row_ranges(1, 4) == [(0, 1)] and engine.row_ranges(3, 1) == [(0, 3)]
+
+
+# ---- the streaming loop ------------------------------------------------------------------
+
+
+@pytest.fixture
+def shard(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "big": torch.randn(37, 24, generator=g).to(torch.bfloat16),
+        "cube": torch.randn(5, 3, 4, generator=g),
+        "vec": torch.randn(19, generator=g).half(),
+        "scalar": torch.tensor(3.25, dtype=torch.float64),
+        "row": torch.randn(1, 33, generator=g),
+        "empty": torch.zeros(0, 8),
+    }
+    save_file(tensors, tmp_path / "in.safetensors")
+    return tensors, read_header(tmp_path / "in.safetensors")
+
+
+def copy_tasks(specs, seen, *, factor=2.0):
+    """Tasks writing ``factor * input`` in float32, recording the row ranges they see."""
+
+    def task(spec):
+        def compute(chunk):
+            (x,) = chunk.inputs
+            seen.setdefault(spec.name, []).append((chunk.start, chunk.stop))
+            assert chunk.out.shape == (chunk.stop - chunk.start, *spec.shape[1:]) or (
+                spec.shape in [(), (spec.numel,)]
+            )
+            return torch.mul(x, factor, out=chunk.out)
+
+        return engine.Task(
+            spec.name, [spec], compute, out=OutTensor(spec.name, torch.float32, spec.shape)
+        )
+
+    return [task(s) for s in specs.values()]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 64, 500, 1 << 30])
+def test_engine_streams_row_chunks_in_order(tmp_path, shard, chunk_bytes):
+    tensors, specs = shard
+    seen: dict = {}
+    tasks = copy_tasks(specs, seen)
+    plan = OutputPlan.build([t.out for t in tasks], 600)
+    writer = ShardWriter(tmp_path / "out", plan, plan.fingerprint())
+    writer.begin()
+    stats = engine.run(tasks, device=CPU, chunk_bytes=chunk_bytes, writer=writer, progress=False)
+    writer.finish({})
+    got = load_tensors(tmp_path / "out")
+    for name, t in tensors.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], t.float() * 2)
+    for task in tasks:  # the ranges are row_ranges of the budget, never one row of many
+        spec = task.inputs[0]
+        cost = spec.row_numel * (spec.itemsize + 4)
+        want = engine.row_ranges(spec.rows, max(1, chunk_bytes // cost), 2) or [(0, 0)]
+        assert seen[spec.name] == want
+        if spec.rows > 1:
+            assert all(b - a >= 2 for a, b in seen[spec.name])
+    assert stats.tasks_done == len(tasks)
+    assert stats.bytes_read == sum(s.nbytes for s in specs.values())
+    assert stats.bytes_written == plan.total_size
+    if chunk_bytes == 64:
+        assert len(seen["big"]) == 18 and seen["big"][-1] == (34, 37)  # odd last chunk
+
+
+def test_engine_passes_finish_and_start(shard):
+    _, specs = shard
+    calls = []
+    spec = specs["big"]
+
+    def compute(chunk):
+        calls.append((chunk.pass_index, chunk.start, chunk.stop, chunk.out is None))
+        return None
+
+    task = engine.Task(
+        "stat",
+        [spec],
+        compute,
+        passes=2,
+        finish=lambda: "done",
+        start=lambda device: calls.append(("start", device.type)),
+    )
+    stats = engine.run([task], device=CPU, chunk_bytes=96, progress=False)
+    ranges = engine.row_ranges(37, 2, 2)
+    assert calls == [("start", "cpu")] + [(p, a, b, True) for p in (0, 1) for a, b in ranges]
+    assert stats.results == {"stat": "done"} and stats.bytes_read == 2 * spec.nbytes
+
+
+def test_engine_error_propagates_and_leaves_nothing_finished(tmp_path, shard):
+    _, specs = shard
+    seen: dict = {}
+    tasks = copy_tasks(specs, seen)
+
+    def boom(chunk):
+        if chunk.start >= 10:
+            raise MismatchError("tensor 'big' is wrong", where="here")
+        return torch.mul(chunk.inputs[0], 1, out=chunk.out)
+
+    next(t for t in tasks if t.name == "big").compute = boom
+    plan = OutputPlan.build([t.out for t in tasks], 10**6)
+    writer = ShardWriter(tmp_path / "out", plan, plan.fingerprint())
+    writer.begin()
+    with pytest.raises(MismatchError, match="'big' is wrong"):
+        engine.run(tasks, device=CPU, chunk_bytes=64, writer=writer, progress=False)
+    assert not (tmp_path / "out" / INDEX_NAME).exists()
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_engine_file_truncated_after_indexing(tmp_path, shard):
+    _, specs = shard
+    path = tmp_path / "in.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # specs were read before
+    with pytest.raises(CorruptCheckpointError, match="file ended while reading") as e:
+        tasks = [engine.Task(s.name, [s], lambda c: None) for s in specs.values()]
+        engine.run(tasks, device=CPU, chunk_bytes=64, progress=False)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["error", "warn", "ignore"])
+def test_engine_nonfinite_modes(tmp_path, shard, mode):
+    _, specs = shard
+    tasks = copy_tasks({"big": specs["big"], "vec": specs["vec"]}, {}, factor=float("inf"))
+    plan = OutputPlan.build([t.out for t in tasks], 10**6)
+    writer = ShardWriter(tmp_path / "out", plan, plan.fingerprint())
+    writer.begin()
+    run = lambda: engine.run(  # noqa: E731
+        tasks, device=CPU, chunk_bytes=200, writer=writer, progress=False, on_nonfinite=mode
+    )
+    if mode == "error":
+        with pytest.raises(NonFiniteError, match="'big'"):
+            run()
+        return
+    stats = run()
+    expected = {"big": specs["big"].numel, "vec": specs["vec"].numel}  # x * inf: inf or NaN
+    assert stats.nonfinite == (expected if mode == "warn" else {})
+
+
+def test_resolve_device():
+    assert engine.resolve_device("cpu") == CPU
+    assert engine.resolve_device("auto").type in {"cpu", "cuda"}
+    with pytest.raises(InputError, match="unknown device"):
+        engine.resolve_device("gpu0")
+    with pytest.raises(InputError, match="not supported"):
+        engine.resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            engine.resolve_device("cuda:0")
+    assert 16 * 2**20 <= engine.default_chunk_bytes() <= 256 * 2**20
+
+
+# ---- ops ---------------------------------------------------------------------------------
+
+
+def test_difference_and_compute_dtypes():
+    bf, f16, f32, f64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+    assert ops.difference_dtype(bf, bf) == f32 and ops.difference_dtype(f16, f32) == f32
+    assert ops.difference_dtype(f32, f64) == f64
+    assert ops.compute_dtype(f32, bf, bf) == f32 and ops.compute_dtype(bf, bf, bf) == f64
+    assert ops.compute_dtype(f32, f64, f32) == f64
+
+
+def test_ops_subtract_and_add_on_chunks():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g).to(torch.bfloat16)
+    ft = (base.float() * 1.01).to(torch.bfloat16)
+    tv = ops.subtract(ft, base, out=torch.empty(6, 5))
+    assert torch.equal(tv.double(), ft.double() - base.double())  # exact: same binades
+    back = ops.add_scaled(base, [(tv, 1.0), (None, 3.0), (tv, 0.0)], out=torch.empty_like(base))
+    assert torch.equal(back, ft)
+    same = base.float().clone()  # in place: out may be the base buffer itself
+    assert torch.equal(ops.add_scaled(same, [(tv, 1.0)], out=same), ft.float())
+
+
+def test_ops_equal_is_bitwise():
+    a = torch.tensor([0.0, float("nan"), 1.0])
+    assert ops.equal(a, a.clone())  # NaN equals the same NaN
+    assert not ops.equal(a, torch.tensor([-0.0, float("nan"), 1.0]))  # -0.0 is a change
+    assert not ops.equal(a, a.double()) and not ops.equal(a, a[:2])
+    assert ops.equal(torch.arange(3), torch.arange(3))
