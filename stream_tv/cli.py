@@ -62,6 +62,17 @@ def streaming_options(*, nonfinite_default: str) -> Callable:
             ),
             click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
             click.option(
+                "--restart",
+                is_flag=True,
+                help="Discard an interrupted run in the output directory and start over "
+                "(by default the same command resumes it).",
+            ),
+            click.option(
+                "--no-space-check",
+                is_flag=True,
+                help="Write even if the file system seems to lack the space for the output.",
+            ),
+            click.option(
                 "--on-nonfinite",
                 type=click.Choice(["error", "warn", "ignore"]),
                 default=nonfinite_default,
@@ -87,6 +98,8 @@ def _run_options(kw: dict[str, Any]):
         overwrite=kw.pop("overwrite"),
         progress=not kw.pop("quiet"),
         on_nonfinite=kw.pop("on_nonfinite"),
+        restart=kw.pop("restart"),
+        space_check=not kw.pop("no_space_check"),
     )
 
 
@@ -342,6 +355,60 @@ def compare(
     if plot_path:
         report.plot(plot_path)
         click.echo(f"wrote {plot_path}")
+
+
+@cli.command()
+@click.argument("out")
+@click.option("--base", help="Recompute from this base (extract, apply, merge outputs).")
+@click.option("--finetuned", help="Recompute an extract output from BASE and this model.")
+@click.option(
+    "--task-vector",
+    "task_vectors",
+    multiple=True,
+    metavar="TV",
+    help="Recompute an apply output from BASE and these task vectors (in order; the "
+    "scales are read from the output's index).",
+)
+@click.option("--adapter", help="Recompute a merge output from BASE and this LoRA adapter.")
+@click.option(
+    "--atol",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Largest accepted |output - recomputation| (0: the bytes must be identical).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--chunk-size", default=None, metavar="SIZE", help="Bytes per chunk, e.g. 64MB.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def verify(out: str, as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Check that OUT is a finished, sound checkpoint; with its inputs, recompute it.
+
+    Checks that the index and the shards agree (files, headers, tensors, total_size), the
+    crc32 of every shard against the one recorded when it was written, and that no tensor
+    holds NaN/Inf; with inputs, recomputes every tensor in one streaming pass and lists the
+    ones that differ. Exit code 0 when sound, 3 with the list of problems otherwise.
+
+    \b
+    Examples:
+      stream-tv verify ./tv
+      stream-tv verify ./tv --base ./base --finetuned ./my-finetune
+      stream-tv verify ./mix --base ./base --task-vector ./tv_a --task-vector ./tv_b
+    """
+    from .errors import VerificationError
+    from .verify import verify_output
+
+    result = verify_output(out, progress=not quiet and not as_json, **kw)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    elif result.ok:
+        click.echo(result.summary())
+    if not result.ok:
+        for problem in result.problems:
+            click.echo(f"  - {problem}", err=True)
+        raise VerificationError(
+            f"verification failed: {len(result.problems)} problem(s), listed above", where=out
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -352,10 +352,14 @@ def run(
     except KeyboardInterrupt as e:
         stop.set()
         _join(threads)
-        if writer is not None:
-            writer.abort()
+        if writer is None:
+            raise Interrupted("interrupted") from e
+        writer.abort()
         raise Interrupted(
-            "interrupted", hint="completed shards are kept; rerun the same command to resume"
+            f"interrupted; {len(writer.completed)} of {len(writer.plan.shards)} shard(s) "
+            "complete and kept",
+            where=str(writer.out),
+            hint="rerun the same command to resume from there, or add --restart to start over",
         ) from e
     except BaseException as e:
         stop.set()

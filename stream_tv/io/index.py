@@ -191,7 +191,7 @@ def _parse(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
         if not isinstance(info, dict):
             raise _corrupt(path, f"tensor {name!r}: entry is not a JSON object")
         dt = info.get("dtype")
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:  # a list is unhashable: check type first
             raise _corrupt(
                 path,
                 f"tensor {name!r}: unknown dtype {dt!r}",
@@ -356,7 +356,13 @@ def _load_index(index: Path, ref: str) -> Checkpoint:
             raise CorruptCheckpointError(
                 f"index names a file outside its directory: {fname!r}", where=str(index)
             )
-        if not fpath.is_file():
+        try:
+            exists = fpath.is_file()
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise CorruptCheckpointError(
+                f"index names an unusable file {fname[:80]!r}: {e.strerror}", where=str(index)
+            ) from e
+        if not exists:
             raise ReferenceNotFoundError(
                 f"index names shard {fname!r}, which does not exist",
                 where=str(index),

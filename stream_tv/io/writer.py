@@ -531,6 +531,14 @@ def copy_side_files(src: Path | None, out: Path, names: Sequence[str]) -> list[s
     for name in names:
         p = src / name
         if p.is_file():
-            shutil.copyfile(p, out / name)
+            try:
+                shutil.copyfile(p, out / name)
+            except OSError as e:
+                full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+                raise DiskError(
+                    f"{'disk full: ' if full else ''}cannot copy {name}: {e.strerror}",
+                    where=str(out),
+                    hint="rerun the same command: completed shards are kept",
+                ) from e
             copied.append(name)
     return copied
