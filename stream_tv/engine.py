@@ -411,9 +411,10 @@ def _plan_steps(tasks: Sequence[Task], chunk_bytes: int) -> Iterator[_Step]:
 def _check_finite(name: str, x: torch.Tensor, mode: str, stats: RunStats) -> None:
     if mode == "ignore" or not x.is_floating_point() or x.numel() == 0:
         return
-    # subtle: sum() is finite iff every element is finite, except when finite values
-    # overflow; then count exactly. One cheap reduction on the common path.
-    if torch.isfinite(x.sum(dtype=torch.float64)):
+    # One cheap reduction on the common path: min and max propagate NaN and show +-Inf, and
+    # cannot overflow. (sum(dtype=float64) would first copy the chunk to float64: 10x slower.)
+    lo, hi = torch.aminmax(x)
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
         return
     bad = int((~torch.isfinite(x)).sum())
     if bad == 0:
