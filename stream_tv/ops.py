@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -41,18 +41,37 @@ def compute_dtype(out: torch.dtype, *inputs: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
+# Elements per block on CPU: each elementwise pass over a block finds the previous pass's
+# data still in L2, instead of streaming the whole chunk through memory once per pass
+# (measured 3-6x faster here for copy + subtract of a 64 MB chunk).
+CPU_BLOCK = 1 << 18
+
+
+def blocks(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Aligned flat slices of contiguous tensors of equal numel: L2-sized on CPU, one
+    slice on GPUs (where a kernel launch per block would cost more than it saves)."""
+    flat = [t.reshape(-1) for t in tensors]
+    n = flat[0].numel()
+    step = CPU_BLOCK if flat[0].device.type == "cpu" else max(n, 1)
+    for i in range(0, n, step):
+        yield tuple(t[i : i + step] for t in flat)
+
+
 def subtract(
     finetuned: torch.Tensor, base: torch.Tensor, *, out: torch.Tensor
 ) -> torch.Tensor:
     """``out = finetuned - base``, correctly rounded to ``out.dtype``; returns ``out``."""
     work = compute_dtype(out.dtype, finetuned.dtype, base.dtype)
-    if work == out.dtype:
-        # Upcasts happen element by element inside the kernels: no temporaries.
-        out.copy_(finetuned)
-        return out.sub_(base)
-    acc = finetuned.to(work)
-    acc.sub_(base)
-    return out.copy_(round_to(acc, out.dtype))
+    for f, b, o in blocks(finetuned, base, out):
+        if work == out.dtype:
+            # Upcasts happen element by element inside the kernels: no temporaries.
+            o.copy_(f)
+            o.sub_(b)
+        else:
+            acc = f.to(work)
+            acc.sub_(b)
+            o.copy_(round_to(acc, out.dtype))
+    return out
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -98,16 +117,18 @@ def add_scaled(
     """
     dtypes = [base.dtype, out.dtype, *(t.dtype for t, _ in terms if t is not None)]
     work = torch.float64 if torch.float64 in dtypes else torch.float32
-    acc = base.to(work, copy=True) if out.dtype != work or base.data_ptr() == out.data_ptr() else out.copy_(base)
-    for tv, scale in terms:
-        if tv is None or scale == 0:
-            continue
-        if scale == 1:
-            acc.add_(tv)
-        else:
-            acc.add_(tv, alpha=scale)
-    if acc.data_ptr() != out.data_ptr():
-        out.copy_(round_to(acc, out.dtype))  # float64 -> bf16/fp16: once, not via float32
+    live = [(tv, scale) for tv, scale in terms if tv is not None and scale != 0]
+    scales = [scale for _, scale in live]
+    in_place = out.dtype == work and base.data_ptr() != out.data_ptr()
+    for b, o, *tvs in blocks(base, out, *(tv for tv, _ in live)):
+        acc = o.copy_(b) if in_place else b.to(work, copy=True)
+        for tv, scale in zip(tvs, scales, strict=True):
+            if scale == 1:
+                acc.add_(tv)
+            else:
+                acc.add_(tv, alpha=scale)
+        if not in_place:
+            o.copy_(round_to(acc, out.dtype))  # float64 -> bf16/fp16: once, not via float32
     return out
 
 
