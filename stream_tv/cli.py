@@ -51,7 +51,7 @@ def streaming_options(*, nonfinite_default: str) -> Callable:
                 default=None,
                 metavar="SIZE",
                 help="Bytes per chunk in flight (rows of every input plus the output), e.g. 64MB. "
-                "Default: 1/32 of available memory, 16-256 MiB. Peak memory is about 4x this.",
+                "Default: 1/32 of available memory, 8-64 MiB. Peak memory is about 4x this.",
             ),
             click.option(
                 "--max-shard-size",

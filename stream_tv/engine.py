@@ -34,8 +34,8 @@ from .io.index import TensorSpec
 from .io.reader import Reader
 from .io.writer import OutTensor, ShardWriter
 
-DEFAULT_CHUNK_MIN = 16 * 2**20
-DEFAULT_CHUNK_MAX = 256 * 2**20
+DEFAULT_CHUNK_MIN = 8 * 2**20
+DEFAULT_CHUNK_MAX = 64 * 2**20
 _ALIGN = 64
 _SLOTS = 3
 
@@ -139,7 +139,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def default_chunk_bytes() -> int:
-    """A chunk budget from free memory: 1/32 of what is available, within 16-256 MiB."""
+    """A chunk budget from free memory: 1/32 of what is available, within 8-64 MiB (more buys no speed: see benchmarks/RESULTS.md)."""
     available = _available_memory()
     if available is None:
         return 64 * 2**20
