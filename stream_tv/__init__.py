@@ -13,11 +13,14 @@ from .api import (  # noqa: E402
     inspect,
 )
 from .errors import StreamTVError  # noqa: E402
+from .merge import LoraDeltaResult, MergeResult, lora_delta, merge_lora  # noqa: E402
 
 __all__ = [
     "ApplyResult",
     "ExtractResult",
     "InspectResult",
+    "LoraDeltaResult",
+    "MergeResult",
     "RunOptions",
     "StreamTVError",
     "WriteResult",
@@ -25,4 +28,6 @@ __all__ = [
     "apply_task_vectors",
     "extract_task_vector",
     "inspect",
+    "lora_delta",
+    "merge_lora",
 ]

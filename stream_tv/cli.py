@@ -284,6 +284,130 @@ def apply(base: str, task_vectors: tuple[str, ...], out: str, as_json: bool, **k
 
 
 @cli.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, metavar="[ADAPTER ...]")
+@click.option(
+    "--adapter",
+    "adapter_opts",
+    multiple=True,
+    metavar="ADAPTER",
+    help="A PEFT LoRA adapter (directory or Hub id); repeat to merge several, in order. "
+    "Same as the positional ADAPTER arguments.",
+)
+@click.option("-o", "--output", "out", required=True, help="Output directory.")
+@click.option(
+    "--weight",
+    "weights",
+    multiple=True,
+    type=float,
+    help="Weight of each adapter, in order (multiplies its scaling, like PEFT's set_scale; "
+    "default 1.0; one value applies to all).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["exact-peft", "fp32"]),
+    default="exact-peft",
+    show_default=True,
+    help="exact-peft: PEFT's merge_and_unload() bit for bit (on CPU). fp32: add every delta in "
+    "float32 and round once (differs only for Embedding LoRA, tied heads and several adapters "
+    "on bf16/fp16 models, where PEFT rounds more than once).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@streaming_options(nonfinite_default="error")
+def merge(
+    base: str,
+    adapters: tuple[str, ...],
+    adapter_opts: tuple[str, ...],
+    out: str,
+    as_json: bool,
+    **kw: Any,
+) -> None:
+    """Merge LoRA ADAPTER(s) into BASE, as PEFT's merge_and_unload() + save_pretrained would.
+
+    Streams BASE tensor by tensor, never loading the model. Handles rsLoRA, rank/alpha
+    patterns, GPT-2 Conv1D, Embedding LoRA, lora_bias, DoRA, modules_to_save and tied
+    embeddings; the config and tokenizer files of BASE are copied, so transformers loads OUT.
+
+    \b
+    Examples:
+      stream-tv merge meta-llama/Llama-3.1-8B ./my-lora -o ./merged
+      stream-tv merge ./base --adapter ./lora_a --adapter ./lora_b --weight 0.7 --weight 0.3 -o ./mix
+    """
+    from .merge import merge_lora
+
+    if adapters and adapter_opts:
+        raise click.UsageError("give adapters either as arguments or with --adapter, not both")
+    refs = list(adapters or adapter_opts)
+    if not refs:
+        raise click.UsageError("no adapter given: stream-tv merge BASE ADAPTER -o OUT")
+    options = _run_options(kw)
+    result = merge_lora(
+        base, refs, out, weights=list(kw.pop("weights")) or None, options=options, **kw
+    )
+    if as_json:
+        click.echo(_result_json(result))
+        return
+    _echo_write_result(result, "merged model")
+    weights = (
+        ""
+        if all(w == 1.0 for w in result.weights)
+        else (" (weights " + ", ".join(f"{w:g}" for w in result.weights) + ")")
+    )
+    click.echo(
+        f"{result.lora_modules} LoRA layer(s) from {len(result.adapters)} adapter(s){weights} "
+        f"changed {len(result.merged)} tensor(s); {len(result.replaced)} replaced by tensors "
+        f"saved in the adapter; {result.untouched} copied unchanged; precision {result.precision}"
+    )
+
+
+@cli.command("lora-delta")
+@click.argument("adapter")
+@click.option("-o", "--output", "out", required=True, help="Output directory.")
+@click.option(
+    "--base",
+    help="Base model: base tensor names (tied heads, prefixes), and the deltas that depend on "
+    "the base (DoRA, tensors saved in the adapter).",
+)
+@click.option(
+    "--dtype",
+    callback=_dtype,
+    default="fp32",
+    show_default=True,
+    help="Storage dtype. fp32 holds PEFT's own delta bits; fp64 computes the products in "
+    "float64; bf16/fp16 round each element once.",
+)
+@click.option(
+    "--weight", type=float, default=1.0, show_default=True, help="Multiplies the scaling."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@streaming_options(nonfinite_default="warn")
+def lora_delta(adapter: str, out: str, as_json: bool, **kw: Any) -> None:
+    """Write ADAPTER's effective delta (scaling * B @ A, in the base's layout) as a task vector.
+
+    Only the tensors the adapter changes are written; `apply` counts the others as zero, so
+    `stream-tv apply BASE DELTA` merges it, rounding once (give --base so that the names are
+    the base's).
+
+    \b
+    Examples:
+      stream-tv lora-delta ./my-lora -o ./lora-tv
+      stream-tv lora-delta ./my-dora --base meta-llama/Llama-3.1-8B --dtype fp64 -o ./dora-tv
+    """
+    from .merge import lora_delta as do_lora_delta
+
+    options = _run_options(kw)
+    result = do_lora_delta(adapter, out, options=options, **kw)
+    if as_json:
+        click.echo(_result_json(result))
+        return
+    _echo_write_result(result, f"LoRA delta ({result.dtype})")
+    if result.replaced:
+        click.echo(
+            f"{len(result.replaced)} tensor(s) saved in the adapter: written as saved - base"
+        )
+
+
+@cli.command()
 @click.option("--base", help="Base model (T = finetuned - base; DoRA adapters need it).")
 @click.option("--finetuned", help="Fine-tuned or merged model.")
 @click.option("--adapter", help="PEFT LoRA adapter whose delta L is compared with T.")

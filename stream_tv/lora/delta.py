@@ -1,0 +1,252 @@
+"""Per-layer LoRA maths on row ranges, reproducing PEFT's merge bit for bit on CPU.
+
+Rows are dim 0 of the base weight *as stored*: output features for Linear and Conv2d, input
+features for transformers' ``Conv1D`` (GPT-2 stores ``(in, out)``), the vocabulary for an
+Embedding. What PEFT computes (``peft/tuners/lora/layer.py``, ``variants.py``, ``dora.py``),
+with the adapter factors in float32 (PEFT upcasts them on load):
+
+======================  ==========================================================  ========
+layer                   merged weight                                               roundings
+======================  ==========================================================  ========
+Linear                  ``W += (B @ A) * s``                                        1
+Conv1D (fan_in_fan_out) ``W += (B @ A).T * s``                                      1
+Embedding               ``W += ((B @ A).T * s).to(W.dtype)``                        2
+Conv2d 1x1              ``W += (B[:, :, 0, 0] @ A[:, :, 0, 0])[..., None, None] * s`` 1
+Conv2d kxk              ``W += conv2d(A.transpose(0, 1), B).transpose(0, 1) * s``   1
+lora_bias               ``bias += lora_B.bias * s``                                 1
+DoRA                    ``W = ((m / ||W + D||) * (W + D)).to(W.dtype)``              1
+======================  ==========================================================  ========
+
+``# subtle:`` three CPU traps decide the bits, all measured with the installed torch/MKL:
+
+1. **A matrix product's bits depend on the call's shape, not only on the operands.** MKL
+   computes the rows (or columns) of ``B @ A`` with different micro-kernels depending on
+   where they fall: blocks of rows use fused multiply-adds, a remainder of a few rows (and
+   any product of 1-3 rows) uses separate multiplies and adds. So ``B[a:b] @ A`` differs from
+   ``(B @ A)[a:b]`` even for 2 or 3 rows. :func:`product_rows` therefore computes a *window*
+   aligned to :data:`WINDOW_ALIGN` rows of the full product and at least
+   :data:`WINDOW_MIN_ROWS` long (or the whole product), whose kernel layout matches the full
+   product's, and slices it. Any chunk size works, one row included; the cost is at most
+   ``WINDOW_ALIGN + WINDOW_MIN_ROWS`` extra rows of a rank-``r`` product.
+2. **``torch.sqrt`` on CPU float32 is not correctly rounded** (a vectorised approximation),
+   while the norm kernels DoRA relies on end in ``std::sqrt``: :func:`exact_sqrt` rounds a
+   float64 square root instead, which is the correctly rounded float32 result.
+3. **DoRA's norm over a strided dimension is a sequential sum.** For Embedding and Conv1D,
+   PEFT's ``torch.linalg.norm(W.T + D.T, dim=1)`` reduces over the stored rows with
+   ``acc = acc + x * x`` in float32, one stored row after the other. :class:`SquaresAccumulator`
+   does the same, chunk by chunk, so the norms are exact when the chunks arrive in order.
+   (Not reproduced: a *single* column over 32768 rows or more, which torch splits across
+   threads; no real Embedding/Conv1D has one output feature.) For Linear/Conv2d the norm
+   runs along a stored row and is computed per chunk by torch itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+WINDOW_ALIGN = 64
+WINDOW_MIN_ROWS = 256
+
+
+def window(start: int, stop: int, total: int) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of a product to compute so that rows ``[start, stop)`` get the
+    bits of the full product: ``lo`` aligned to :data:`WINDOW_ALIGN`, ``hi`` aligned or the
+    end, and at least :data:`WINDOW_MIN_ROWS` rows unless the product is shorter.
+
+    >>> window(0, 2, 4096), window(300, 303, 4096), window(4095, 4096, 4096)
+    ((0, 256), (64, 320), (3840, 4096))
+    >>> window(5, 7, 100)
+    (0, 100)
+    """
+    if not 0 <= start < stop <= total:
+        raise ValueError(f"row range [{start}, {stop}) is not inside [0, {total})")
+    lo = start // WINDOW_ALIGN * WINDOW_ALIGN
+    hi = min(total, -(-stop // WINDOW_ALIGN) * WINDOW_ALIGN)
+    while hi - lo < WINDOW_MIN_ROWS and (lo > 0 or hi < total):
+        if lo > 0:
+            lo -= WINDOW_ALIGN
+        else:
+            hi = min(total, hi + WINDOW_ALIGN)
+    return lo, hi
+
+
+def product_rows(B: torch.Tensor, A: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of ``B @ A``, bitwise equal to those rows of the full product."""
+    lo, hi = window(start, stop, B.shape[0])
+    return (B[lo:hi] @ A)[start - lo : stop - lo]
+
+
+def product_cols_t(B: torch.Tensor, A: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of ``(B @ A).T``, i.e. its columns, bitwise like the full one."""
+    lo, hi = window(start, stop, A.shape[1])
+    return (B @ A[:, lo:hi]).T[start - lo : stop - lo]
+
+
+def linear_delta_rows(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    start: int,
+    stop: int,
+    *,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """Rows of PEFT's ``Linear.get_delta_weight``: ``transpose(B @ A, fan_in_fan_out) * s``.
+
+    For a Conv1D (``fan_in_fan_out``) a stored row is an input feature, so the rows are
+    columns of ``B @ A``. The result is float32 when ``A``/``B`` are, and not contiguous for
+    Conv1D (a transposed view, like PEFT's).
+
+    >>> A, B = torch.ones(2, 3), torch.ones(4, 2)
+    >>> linear_delta_rows(A, B, 0.5, 1, 3).tolist()
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    >>> linear_delta_rows(A, B, 0.5, 0, 3, fan_in_fan_out=True).shape
+    torch.Size([3, 4])
+    """
+    if fan_in_fan_out:
+        return product_cols_t(B, A, start, stop) * scaling
+    return product_rows(B, A, start, stop) * scaling
+
+
+def embedding_delta_rows(
+    A: torch.Tensor, B: torch.Tensor, scaling: float, start: int, stop: int
+) -> torch.Tensor:
+    """Rows (token ids) of PEFT's ``Embedding.get_delta_weight``: ``(B @ A).T * s``.
+
+    ``A`` is ``lora_embedding_A`` ``(r, vocab)``, ``B`` is ``lora_embedding_B`` ``(dim, r)``.
+    """
+    return product_cols_t(B, A, start, stop) * scaling
+
+
+def conv2d_delta_rows(
+    A: torch.Tensor, B: torch.Tensor, scaling: float, start: int, stop: int, *, cache=None
+) -> torch.Tensor:
+    """Output channels ``[start, stop)`` of PEFT's ``Conv2d.get_delta_weight``.
+
+    A 1x1 kernel is a matrix product (windowed like Linear). A kxk kernel goes through
+    ``F.conv2d``, whose bits depend on the whole call: the full delta is computed once (conv
+    weights are small) and kept in ``cache`` (a dict) when one is given.
+    """
+    if A.shape[2:] == (1, 1):
+        a = A.squeeze(3).squeeze(2)
+        b = B.squeeze(3).squeeze(2)
+        return (product_rows(b, a, start, stop).unsqueeze(2).unsqueeze(3)) * scaling
+    full = cache.get("conv2d") if cache is not None else None
+    if full is None:
+        full = F.conv2d(A.transpose(0, 1), B).transpose(0, 1) * scaling
+        if cache is not None:
+            cache["conv2d"] = full
+    return full[start:stop]
+
+
+def add_rounding_once(w: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = w + delta`` rounded once to ``out.dtype`` (PEFT's ``weight.data += delta``).
+
+    >>> w = torch.tensor([1.0], dtype=torch.bfloat16)
+    >>> add_rounding_once(w, torch.tensor([0.00390625 + 1e-6]), torch.empty_like(w)).item()
+    1.0078125
+    """
+    out.copy_(w)
+    out.add_(delta)
+    return out
+
+
+def add_rounding_twice(w: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = w + delta.to(w.dtype)``: PEFT's Embedding merge, the delta rounded first.
+
+    >>> w = torch.tensor([1.0], dtype=torch.bfloat16)
+    >>> add_rounding_twice(w, torch.tensor([0.00390625 + 1e-6]), torch.empty_like(w)).item()
+    1.0
+    """
+    out.copy_(w)
+    out.add_(delta.to(out.dtype))
+    return out
+
+
+def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded ``sqrt`` of a float32 tensor (``torch.sqrt`` on CPU is not).
+
+    >>> exact_sqrt(torch.tensor([4.0, 2.0])).tolist()
+    [2.0, 1.4142135381698608]
+    """
+    if x.dtype == torch.float32:
+        return torch.sqrt(x.double()).float()
+    return torch.sqrt(x)
+
+
+def dora_row_norm(v: torch.Tensor) -> torch.Tensor:
+    """DoRA's weight norm when it runs along stored rows (Linear, Conv2d): per row.
+
+    ``v`` is ``W + D`` in float32 for a chunk of rows. Linear uses
+    ``torch.linalg.norm(v, dim=1)``, Conv2d ``v.norm(p=2, dim=(1, 2, 3))``; both are the same
+    torch kernel per row, so a chunk of rows gives the bits of the full call.
+    """
+    if v.dim() == 2:
+        return torch.linalg.norm(v, dim=1).to(v.dtype)
+    return v.norm(p=2, dim=tuple(range(1, v.dim())))
+
+
+class SquaresAccumulator:
+    """Column sums of squares over stored rows, in the order torch's strided norm uses.
+
+    DoRA on Embedding and Conv1D normalises over the stored rows. Feed row chunks in order
+    with :meth:`update`; :meth:`norm` then equals PEFT's ``torch.linalg.norm(V.T, dim=1)`` in
+    float32 bit for bit (sequential ``acc + x * x``). A float64 sum runs alongside for
+    reference-quality deltas (:meth:`norm64`).
+
+    >>> acc = SquaresAccumulator(2)
+    >>> acc.update(torch.tensor([[3.0, 0.0], [4.0, 1.0]]), 0, 2)
+    >>> acc.norm().tolist(), acc.rows_seen
+    ([5.0, 1.0], 2)
+    """
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.acc32 = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.acc64 = torch.zeros(columns, dtype=torch.float64, device=device)
+        self.rows_seen = 0
+
+    def update(
+        self, v: torch.Tensor, start: int, stop: int, v64: torch.Tensor | None = None
+    ) -> None:
+        """Add rows ``[start, stop)`` of ``V = W + D`` (float32; ``v64``: the same in float64)."""
+        if start != self.rows_seen:
+            raise RuntimeError(
+                f"DoRA prepass rows must arrive in order: expected row {self.rows_seen}, "
+                f"got [{start}, {stop})"
+            )
+        squares = v * v
+        acc = self.acc32
+        for i in range(squares.shape[0]):
+            acc = acc + squares[i]
+        self.acc32 = acc
+        v64 = v.double() if v64 is None else v64
+        self.acc64 += (v64 * v64).sum(0)
+        self.rows_seen = stop
+
+    def norm(self) -> torch.Tensor:
+        return exact_sqrt(self.acc32)
+
+    def norm64(self) -> torch.Tensor:
+        return torch.sqrt(self.acc64)
+
+
+def dora_merge_rows(
+    w: torch.Tensor,
+    delta: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    *,
+    along_rows: bool,
+) -> torch.Tensor:
+    """``(m / norm) * (w + delta)`` in float32 (not yet rounded to the weight dtype).
+
+    ``along_rows``: the factor has one value per stored row (Linear, Conv2d; ``norm`` holds the
+    chunk's rows); otherwise one per stored column (Embedding, Conv1D; ``norm`` is full).
+    """
+    factor = magnitude / norm
+    if along_rows:
+        factor = factor.view(-1, *([1] * (w.dim() - 1)))
+    else:
+        factor = factor.view(1, -1)
+    return factor * (w + delta)
