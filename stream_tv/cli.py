@@ -535,6 +535,39 @@ def verify(out: str, as_json: bool, quiet: bool, **kw: Any) -> None:
         )
 
 
+@cli.command()
+@click.argument("directory", default="stream-tv-demo")
+@click.option("--overwrite", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def demo(directory: str, overwrite: bool, quiet: bool) -> None:
+    """Make a small example and run the main job on it.
+
+    Writes a Llama-shaped bf16 base model (4 layers, several shards) and a LoRA adapter
+    into DIRECTORY, merges the adapter (PEFT-exact), extracts the task vector of the merged
+    model, and compares the adapter's delta with it (report.json, report.md).
+
+    \b
+    Example:
+      stream-tv demo ./stream-tv-demo
+    """
+    from .api import RunOptions
+    from .demo import run_demo
+
+    result = run_demo(directory, overwrite=overwrite, options=RunOptions(progress=not quiet))
+    root = result.directory
+    click.echo(f"base model and LoRA adapter: {root / 'base'}, {root / 'adapter'}")
+    _echo_write_result(result.merge, "merged model")
+    _echo_write_result(result.extract, f"task vector ({result.extract.dtype})")
+    click.echo("")
+    click.echo(result.report.render_terminal())
+    click.echo(f"\nreports: {root / 'report.json'}, {root / 'report.md'}")
+    click.echo(
+        "next: stream-tv inspect "
+        f"{root / 'merged'}; stream-tv verify {root / 'merged'} --base {root / 'base'} "
+        f"--adapter {root / 'adapter'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``stream-tv`` console script."""
     cli.main(args=argv, prog_name="stream-tv")

@@ -12,9 +12,11 @@ so reading chunk i+1, computing chunk i and writing chunk i-1 overlap. Three slo
 allocated once and reused: resident memory is about 3 slots + one chunk of temporaries,
 whatever the tensor, shard or model size.
 
-``# subtle:`` a chunk is never a single row unless the tensor has one row: on CPU a matrix
-product with one row takes another kernel whose bits differ from the same row of the full
-product, and ``merge`` must reproduce PEFT's bits (see :func:`row_ranges`).
+``# subtle:`` a chunk is never a single row unless the tensor has one row (``min_rows``).
+On CPU a matrix product over a few rows can take another kernel whose bits differ from the
+same rows of the full product; the LoRA code goes further and computes each chunk's product
+on an aligned window of at least 256 rows (see ``stream_tv/lora/delta.py``), because on
+MKL/AVX-512 even 2- and 3-row products differ. ``merge`` must reproduce PEFT's bits.
 """
 
 from __future__ import annotations
