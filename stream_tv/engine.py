@@ -318,7 +318,10 @@ def run(
             if use_cuda:
                 with torch.cuda.stream(copy_stream):
                     inputs = [x.to(device, non_blocking=True) for x in host_inputs]
-                torch.cuda.current_stream(device).wait_stream(copy_stream)
+                compute_stream = torch.cuda.current_stream(device)
+                compute_stream.wait_stream(copy_stream)
+                for x in inputs:  # used on the compute stream: don't recycle them early
+                    x.record_stream(compute_stream)
                 out = torch.empty(out_shape, dtype=task.out.dtype, device=device) if writes else None
             else:
                 inputs = host_inputs
