@@ -451,8 +451,11 @@ def compare(
       stream-tv compare --task-vector ./tv --adapter ./lora --markdown r.md
       stream-tv compare --task-vector ./tv_a --task-vector ./tv_b
     """
+    from pathlib import Path
+
     from .api import RunOptions
     from .compare import compare as do_compare
+    from .errors import OutputError
 
     if plot_path is not None:
         try:
@@ -461,6 +464,12 @@ def compare(
             raise click.UsageError(
                 "--plot needs matplotlib: pip install 'stream-tv[plot]'"
             ) from None
+    # Refuse a report path that cannot be written before streaming the models, not after.
+    for flag, path in (("--json", json_path), ("--markdown", md_path), ("--plot", plot_path)):
+        if path is not None and not Path(path).absolute().parent.is_dir():
+            raise OutputError(
+                f"{flag} {path}: the directory {Path(path).absolute().parent} does not exist"
+            )
     options = RunOptions(device=device, chunk_size=chunk_size, progress=not quiet)
     report = do_compare(
         base=base,
@@ -471,14 +480,18 @@ def compare(
         options=options,
     )
     click.echo(report.render_terminal(worst=worst))
-    for path, text in ((json_path, report.to_json), (md_path, report.to_markdown)):
+    writers = (
+        (json_path, lambda p: Path(p).write_text(report.to_json())),
+        (md_path, lambda p: Path(p).write_text(report.to_markdown())),
+        (plot_path, report.plot),
+    )
+    for path, write in writers:
         if path:
-            with open(path, "w") as fh:
-                fh.write(text())
+            try:
+                write(path)
+            except OSError as e:
+                raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
             click.echo(f"wrote {path}")
-    if plot_path:
-        report.plot(plot_path)
-        click.echo(f"wrote {plot_path}")
 
 
 @cli.command()

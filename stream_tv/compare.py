@@ -69,9 +69,7 @@ def compare(
     if f is not None and b is None:
         raise InputError("--finetuned needs --base", hint="T is finetuned - base")
     if f is not None and tvs:
-        raise InputError(
-            "give either --finetuned (with --base) or --task-vector for T, not both"
-        )
+        raise InputError("give either --finetuned (with --base) or --task-vector for T, not both")
     if f is None and not tvs:
         raise InputError(
             "nothing to compare",
@@ -83,7 +81,9 @@ def compare(
     # T's checkpoint(s) decide the tensor names.
     if f is not None:
         assert b is not None
-        names, missing = _key_sets(b, f, allow_missing=allow_missing, other_label="fine-tuned model")
+        names, missing = _key_sets(
+            b, f, allow_missing=allow_missing, other_label="fine-tuned model"
+        )
         _check_shapes(b, f, names)
         reference = b
     else:
@@ -113,6 +113,14 @@ def compare(
         if b is None and any(getattr(m, "needs_base", False) for m in plan.merges.values()):
             raise InputError(
                 "this adapter uses DoRA: its delta depends on the base weights",
+                hint="pass --base too",
+            )
+        # subtle: bound to the task vector, a saved full tensor (modules_to_save) would be
+        # read as a replacement with no base to subtract, and L silently left at zero.
+        saved = [k for k, m in plan.merges.items() if getattr(m, "replacement", None) is not None]
+        if b is None and saved:
+            raise InputError(
+                f"this adapter saves full tensors (e.g. {saved[0]!r}): their delta is saved - base",
                 hint="pass --base too",
             )
     other_tv = tvs[0] if len(tvs) == 2 else None
@@ -161,7 +169,9 @@ def _adapter_summary(ad) -> dict:
         value = getattr(ad.config, attr, None)
         if value is not None:
             info[attr] = value
-    scalings = sorted({round(m.scaling, 12) for m in ad.modules if getattr(m, "scaling", None) is not None})
+    scalings = sorted(
+        {round(m.scaling, 12) for m in ad.modules if getattr(m, "scaling", None) is not None}
+    )
     if scalings:
         info["scaling"] = scalings[0] if len(scalings) == 1 else scalings
     info["modules"] = len(ad.modules)

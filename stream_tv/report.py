@@ -118,6 +118,35 @@ def layer_of(name: str) -> tuple[str, int, str] | None:
     return match.group("prefix") or "", int(match.group("index")), kind
 
 
+def _module_kinds(names: Iterable[str]) -> dict[str, str]:
+    """The module kind of every layer tensor, unique within its layer.
+
+    ``layer_of``'s kind is the last name component; where two tensors of one layer share it
+    (GPT-2's ``attn.c_proj`` and ``mlp.c_proj``), those tensors are named by their path in
+    the layer instead, in every layer, so that a plot series is one module.
+
+    >>> _module_kinds(["transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_proj.weight",
+    ...                "transformer.h.0.attn.c_attn.weight"])  # doctest: +NORMALIZE_WHITESPACE
+    {'transformer.h.0.attn.c_proj.weight': 'attn.c_proj',
+     'transformer.h.0.mlp.c_proj.weight': 'mlp.c_proj',
+     'transformer.h.0.attn.c_attn.weight': 'c_attn'}
+    """
+    located = {n: loc for n in names if (loc := layer_of(n)) is not None}
+    seen: dict[tuple[str, int, str], int] = {}
+    for loc in located.values():
+        seen[loc] = seen.get(loc, 0) + 1
+    clashing = {loc[2] for loc, count in seen.items() if count > 1}
+    kinds = {}
+    for name, loc in located.items():
+        if loc[2] in clashing:
+            match = _LAYER.match(name)
+            assert match is not None  # layer_of matched it
+            kinds[name] = name[match.end() :].removesuffix(".weight")
+        else:
+            kinds[name] = loc[2]
+    return kinds
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return math.fsum(kept) / len(kept) if kept else None
@@ -160,8 +189,10 @@ def _fmt_cos(x: float | None) -> str:
     if x is None:
         return "n/a"
     gap = 1.0 - abs(x)
-    if gap <= 0:
-        return f"{x:.1f}"
+    # subtle: identical L and T give 1 - 2e-16 (the norms' square roots round); 12 decimals
+    # would print that as 1.000000000000. Below what 12 decimals show, say 1.0.
+    if gap < 5e-13:
+        return f"{math.copysign(1.0, x):.1f}"
     decimals = min(12, max(4, math.ceil(-math.log10(gap)) + 1))
     return f"{x:.{decimals}f}"
 
@@ -184,6 +215,21 @@ def _dtype_label(inputs: dict[str, Any]) -> str:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+#: The headline flags explained tensors whose median ``||L|| / ||T||`` is further from 1.
+_SCALE_TOLERANCE = 0.01
+
+
+def _norm_ratio(tensors: list[TensorComparison]) -> float | None:
+    """The median ``lora_norm / tv_norm`` over ``tensors`` (None if no tensor has both)."""
+    ratios = sorted(
+        t.lora_norm / t.tv_norm for t in tensors if t.lora_norm is not None and t.tv_norm
+    )
+    if not ratios:
+        return None
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
 def _explained(t: TensorComparison) -> bool:
@@ -247,23 +293,48 @@ class CompareReport:
             return None
         return math.fsum(w * n for w, n in rows) / total
 
+    def _mode(self) -> str:
+        """What ``L`` is, from ``inputs`` as ``compare`` fills them: ``"adapter"`` (a LoRA
+        adapter's delta), ``"task_vectors"`` (the first of two task vectors) or ``"none"``
+        (base and finetuned only: no ``L``). Without these keys: ``"adapter"``."""
+        if len(self.inputs.get("task_vectors") or ()) == 2:
+            return "task_vectors"
+        if "adapter" in self.inputs and self.inputs["adapter"] is None:
+            return "none"
+        return "adapter"
+
     def headline(self) -> str:
         """One line saying what the figures mean.
 
         e.g. ``LoRA explains the task vector on 120 of 483 changed tensors (mean cosine
         0.999998, all differences within bf16 rounding); 363 changed outside the adapter, all
         only by bf16 rounding``. A covered tensor is "explained" when its cosine is at least
-        :data:`EXPLAINED_COSINE` or all its differences are within rounding.
+        :data:`EXPLAINED_COSINE` or all its differences are within rounding. Two task vectors
+        read "The first task vector explains the second ..."; without an adapter (base and
+        finetuned only) the line says what changed, and nothing about an adapter.
         """
         cov, dtype = self.coverage, _dtype_label(self.inputs)
+        mode = self._mode()
         covered = self._covered()
         parts: list[str] = []
         if not self.tensors:
             return "No tensors were compared"
+        if mode == "none":
+            return self._headline_without_l(cov, dtype)
+        two = mode == "task_vectors"
         if cov["changed"] == 0:
-            parts.append(f"The task vector is zero: no tensor of {cov['total']} changed")
+            what = "The second task vector" if two else "The task vector"
+            parts.append(f"{what} is zero: no tensor of {cov['total']} changed")
         elif cov["lora"] == 0:
-            parts.append(f"The adapter has no delta for any of {cov['changed']} changed tensors")
+            if two:
+                parts.append(
+                    f"The first task vector has none of the {cov['changed']} changed tensors "
+                    "of the second"
+                )
+            else:
+                parts.append(
+                    f"The adapter has no delta for any of {cov['changed']} changed tensors"
+                )
         elif covered:
             explained = [t for t in covered if _explained(t)]
             # The figures in this clause are over the explained tensors; the departures get
@@ -274,19 +345,43 @@ class CompareReport:
                 details.append(f"all differences within {dtype} rounding")
             elif within is not None:
                 details.append(f"{_fmt_pct(within)} of elements within {dtype} rounding")
+            # subtle: a cosine is blind to scale; a LoRA merged with another alpha (or a task
+            # vector applied at another --scale) would read as "explained". Tensors whose
+            # differences are all rounding are explained whatever their norms say.
+            ratio = _norm_ratio([t for t in explained if t.within_rounding != 1.0])
+            if ratio is not None and abs(ratio - 1) > _SCALE_TOLERANCE:
+                details.append(f"but ||L|| / ||T|| = {_fmt(ratio)}")
+            subject = (
+                "The first task vector explains the second"
+                if two
+                else ("LoRA explains the task vector")
+            )
             parts.append(
-                f"LoRA explains the task vector on {len(explained)} of {cov['changed']} "
-                f"changed tensors" + (f" ({', '.join(details)})" if explained else "")
+                f"{subject} on {len(explained)} of {cov['changed']} changed tensors"
+                + (f" ({', '.join(details)})" if explained else "")
             )
             departed = [t for t in covered if not _explained(t)]
             if departed:
                 worst = min(departed, key=lambda t: -2.0 if t.cosine is None else t.cosine)
                 verb = "departs" if len(departed) == 1 else "depart"
+                noun = "tensor" if two else "LoRA tensor"
                 parts.append(
-                    f"{_count(len(departed), 'LoRA tensor')} {verb} from it "
+                    f"{_count(len(departed), noun)} {verb} from it "
                     f"(worst cosine {_fmt_cos(worst.cosine)} at {worst.name})"
                 )
         outside = cov[CHANGED_NOT_LORA] + cov[ROUNDING_ONLY]
+        if two:
+            if outside and cov["lora"]:
+                parts.append(f"{outside} changed only in the second task vector")
+            # Tensors both task vectors leave at zero are not news; ones only the second does are.
+            dropped = [t for t in self.tensors if t.category == LORA_UNCHANGED and t.lora_norm]
+            if dropped:
+                verb = "is" if len(dropped) == 1 else "are"
+                parts.append(
+                    f"{_count(len(dropped), 'tensor')} changed in the first {verb} zero in "
+                    "the second"
+                )
+            return "; ".join(parts)
         if outside and cov["lora"]:
             text = f"{outside} changed outside the adapter"
             if cov[ROUNDING_ONLY] == outside:
@@ -301,6 +396,18 @@ class CompareReport:
             verb = "is" if n == 1 else "are"
             parts.append(f"{_count(n, 'tensor')} with a LoRA delta {verb} unchanged in the model")
         return "; ".join(parts)
+
+    def _headline_without_l(self, cov: dict[str, Any], dtype: str) -> str:
+        """The headline of a comparison without ``L``: what changed, and how."""
+        changed, total, rounding = cov["changed"], cov["total"], cov[ROUNDING_ONLY]
+        if changed == 0:
+            return f"The task vector is zero: no tensor of {total} changed"
+        line = f"{changed} of {total} tensors changed"
+        if rounding == changed:
+            line += f", all only by {dtype} rounding"
+        elif rounding:
+            line += f", {rounding} of them only by {dtype} rounding"
+        return line + " (no adapter given: nothing to compare the task vector with)"
 
     # -- JSON ----------------------------------------------------------------------------
 
@@ -345,6 +452,18 @@ class CompareReport:
 
     # -- tables shared by Markdown and terminal --------------------------------------------
 
+    def _outside(self, n: int) -> tuple[str, list[TensorComparison], int]:
+        """Tensors changed outside ``L`` (not by rounding alone), largest ``||T||`` first:
+        a title, the first ``n``, and how many more there are."""
+        rows = [t for t in self.tensors if t.category == CHANGED_NOT_LORA]
+        rows.sort(key=lambda t: (-(t.tv_norm or 0.0), t.name))
+        title = {
+            "adapter": "Changed outside the adapter",
+            "task_vectors": "Changed only in the second task vector",
+            "none": "Changed tensors",
+        }[self._mode()]
+        return title, rows[:n], max(len(rows) - n, 0)
+
     def _worst(self, n: int, key: str) -> list[TensorComparison]:
         """The n covered tensors with the lowest cosine / highest relative error."""
         rows = [t for t in self._covered() if getattr(t, key) is not None]
@@ -387,6 +506,7 @@ class CompareReport:
     def _layer_rows(self) -> list[tuple[str, ...]]:
         """Per-layer aggregates, layers in order, non-layer tensors last as 'other'."""
         located = {t.name: layer_of(t.name) for t in self.tensors}
+        kinds = _module_kinds(located)
         # subtle: encoder.block.3 and decoder.block.3 are different layers; name the stack
         # only when there is more than one.
         several = len({loc[0] for loc in located.values() if loc is not None}) > 1
@@ -403,8 +523,7 @@ class CompareReport:
             worst = min(with_cos, key=lambda m: m.cosine).name if with_cos else None
             kind = None
             if worst is not None:
-                loc = located[worst]
-                kind = loc[2] if loc is not None else worst
+                kind = kinds.get(worst, worst)
             rows.append(
                 (
                     label,
@@ -474,6 +593,19 @@ class CompareReport:
                     for t in rows
                 ),
             )
+        title, rows_o, more = self._outside(worst)
+        if rows_o:
+            out += [
+                f"## {title}",
+                "",
+                "Not by dtype rounding alone; largest task vector first.",
+                "",
+            ]
+            out += table(
+                ("tensor", "task vector norm"), ((f"`{t.name}`", _fmt(t.tv_norm)) for t in rows_o)
+            )
+            if more:
+                out += [f"... and {more} more (all are in the JSON report).", ""]
         out += ["## Per layer", ""]
         out += [
             "Cosine and relative error over the layer's tensors with a LoRA delta and a task "
@@ -501,16 +633,16 @@ class CompareReport:
     def render_terminal(self, *, worst: int = 5) -> str:
         """A short plain-text summary that fits 100 columns."""
         out = textwrap.wrap(self.headline(), _WIDTH)
-        out.append("")
-        rows = self._summary_rows()
-        half = (len(rows) + 1) // 2
-        out.append("Summary")
-        right_rows = rows[half:] + [("", "")] * (2 * half - len(rows))
-        for left, right in zip(rows[:half], right_rows, strict=True):
-            cell = f"  {left[0]:<38}{left[1]:>12}"
-            if right[0]:
-                cell += f"    {right[0]:<28}{right[1]:>14}"
-            out.append(cell.rstrip())
+        if self._mode() != "none":  # without L every summary figure would be n/a
+            rows = self._summary_rows()
+            half = (len(rows) + 1) // 2
+            out += ["", "Summary"]
+            right_rows = rows[half:] + [("", "")] * (2 * half - len(rows))
+            for left, right in zip(rows[:half], right_rows, strict=True):
+                cell = f"  {left[0]:<38}{left[1]:>12}"
+                if right[0]:
+                    cell += f"    {right[0]:<28}{right[1]:>14}"
+                out.append(cell.rstrip())
         out += ["", f"  {'Coverage':<54}{'tensors':>10}{'share':>9}"]
         out += [f"  {a:<54}{b:>10}{c:>9}" for a, b, c in self._coverage_rows()]
         for title, key in (
@@ -530,6 +662,15 @@ class CompareReport:
                     f"  {_fmt_cos(t.cosine):>14} {_fmt(t.relative_error):>9} "
                     f"{_fmt(t.max_abs_diff):>9} {_fmt_pct(t.within_rounding):>7}  {name}"
                 )
+        title, rows_o, more = self._outside(worst)
+        if rows_o:
+            out += ["", f"{title}, largest task vector first", f"  {'||T||':>14}  tensor"]
+            room = _WIDTH - 18
+            for t in rows_o:
+                name = t.name if len(t.name) <= room else "..." + t.name[-(room - 3) :]
+                out.append(f"  {_fmt(t.tv_norm):>14}  {name}")
+            if more:
+                out.append(f"  ... and {more} more")
         return "\n".join(out)
 
     # -- plot ----------------------------------------------------------------------------
@@ -548,11 +689,13 @@ class CompareReport:
 
         series: dict[str, dict[int, tuple[float, float | None]]] = {}
         prefixes = {loc[0] for t in self.tensors if (loc := layer_of(t.name)) is not None}
+        kinds = _module_kinds(t.name for t in self.tensors)
         for t in self._covered():
             loc = layer_of(t.name)
             if loc is None or t.cosine is None:
                 continue
-            label = f"{loc[0]} {loc[2]}" if len(prefixes) > 1 else loc[2]
+            kind = kinds[t.name]
+            label = f"{loc[0]} {kind}" if len(prefixes) > 1 else kind
             series.setdefault(label, {})[loc[1]] = (t.cosine, t.relative_error)
 
         # subtle: cosines of a good adapter sit at 0.99999x, a bad one at 0.5; on a linear
