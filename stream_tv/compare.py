@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import engine
+from . import engine, ops
 from .api import RunOptions, _check_shapes, _key_sets
 from .errors import InputError
 from .io.index import Checkpoint, TensorSpec
@@ -224,6 +224,8 @@ def _task(src: _Source) -> engine.Task:
     narrow = all(s.itemsize <= 2 for s in src.inputs)
     tv_dtype = torch.float64 if has_lora or not narrow else torch.float32
 
+    lora_free = not has_lora
+
     def start(device: torch.device) -> None:
         if merge is not None:
             merge.load(device)
@@ -235,8 +237,15 @@ def _task(src: _Source) -> engine.Task:
             merge.prepass(base_rows, chunk.start, chunk.stop)
             return None
         if src.finetuned is not None:
-            t = x[src.finetuned].to(tv_dtype, copy=True)
-            t.sub_(base_rows)
+            ft_rows = x[src.finetuned]
+            if lora_free and ft_rows.dtype == base_rows.dtype and ops.equal(ft_rows, base_rows):
+                acc.update_zero(ft_rows)  # the common case: an untouched tensor
+                return None
+            t = ops.subtract(
+                ft_rows,
+                base_rows,
+                out=torch.empty(ft_rows.shape, dtype=tv_dtype, device=ft_rows.device),
+            )
         else:
             t = x[src.tv].to(tv_dtype, copy=True)
         lora = None

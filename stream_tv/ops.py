@@ -47,12 +47,12 @@ def compute_dtype(out: torch.dtype, *inputs: torch.dtype) -> torch.dtype:
 CPU_BLOCK = 1 << 18
 
 
-def blocks(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+def blocks(*tensors: torch.Tensor, size: int = CPU_BLOCK) -> Iterator[tuple[torch.Tensor, ...]]:
     """Aligned flat slices of contiguous tensors of equal numel: L2-sized on CPU, one
     slice on GPUs (where a kernel launch per block would cost more than it saves)."""
     flat = [t.reshape(-1) for t in tensors]
     n = flat[0].numel()
-    step = CPU_BLOCK if flat[0].device.type == "cpu" else max(n, 1)
+    step = size if flat[0].device.type == "cpu" else max(n, 1)
     for i in range(0, n, step):
         yield tuple(t[i : i + step] for t in flat)
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from stream_tv.errors import InputError, MismatchError
+from stream_tv.ops import blocks
 
 __all__ = [
     "CATEGORIES",
@@ -125,6 +126,10 @@ _BITS_OF = {
     torch.float32: torch.int32,
     torch.float64: torch.int64,
 }
+
+
+# Elements per block of the statistics passes on CPU (float64: 1 MiB per operand).
+STATS_BLOCK = 1 << 17
 
 
 def half_ulp(x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +274,6 @@ class TensorAccumulator:
         self._seen += n
         if n == 0:
             return
-        self._changed = _or(self._changed, torch.any(tv != 0))
         if self.has_lora:
             assert lora is not None  # checked above
             self._update_lora(tv, lora, finetuned)
@@ -323,29 +327,60 @@ class TensorAccumulator:
     def _update_lora(
         self, tv: torch.Tensor, lora: torch.Tensor, finetuned: torch.Tensor | None
     ) -> None:
-        t = tv.to(torch.float64).reshape(-1)
-        lo = lora.to(t.device).reshape(-1)
-        self._sum_tt = _add(self._sum_tt, torch.dot(t, t))
-        self._sum_ll = _add(self._sum_ll, torch.dot(lo, lo))
-        self._dot = _add(self._dot, torch.dot(lo, t))
-        # subtle: sum (L - T)^2 directly, not |L|^2 + |T|^2 - 2<L,T>, which cancels to noise
-        # exactly when L and T agree, the case this report is about.
-        d = lo - t
-        self._sum_dd = _add(self._sum_dd, torch.dot(d, d))
-        d.abs_()  # in place: no second temporary of chunk size
-        self._sum_abs = _add(self._sum_abs, d.sum())
-        self._max_abs = _max(self._max_abs, d.max())
-        if finetuned is not None and finetuned.dtype in _BITS_OF:
-            bound = half_ulp(finetuned.to(t.device).reshape(-1))
-            self._max_bound = _max(self._max_bound, bound.max())
-            self._within = _add(self._within, torch.count_nonzero(d <= bound))
-            self._rounded += d.numel()
+        dev = tv.device
+        bounded = finetuned is not None and finetuned.dtype in _BITS_OF
+        parts = [tv, lora.to(dev)] + ([finetuned.to(dev)] if bounded else [])
+        sums: list[list[torch.Tensor]] = [[] for _ in range(5)]  # tt, ll, lt, dd, |d|
+        nonzero: list[torch.Tensor] = []
+        maxima: list[list[torch.Tensor]] = [[], []]  # max |d|, max bound
+        within: list[torch.Tensor] = []
+        # L2-sized blocks on CPU: the dozen passes below find their block still in cache.
+        for block in blocks(*parts, size=STATS_BLOCK):
+            t = block[0].to(torch.float64)
+            lo = block[1]
+            nonzero.append(torch.any(t != 0))
+            sums[0].append(torch.dot(t, t))
+            sums[1].append(torch.dot(lo, lo))
+            sums[2].append(torch.dot(lo, t))
+            # subtle: sum (L - T)^2 directly, not |L|^2 + |T|^2 - 2<L,T>, which cancels to
+            # noise exactly when L and T agree, the case this report is about.
+            d = lo - t
+            sums[3].append(torch.dot(d, d))
+            d.abs_()  # in place: no second temporary
+            sums[4].append(d.sum())
+            maxima[0].append(d.max())
+            if bounded:
+                bound = half_ulp(block[2])
+                maxima[1].append(bound.max())
+                within.append(torch.count_nonzero(d <= bound))
+        for attr, values in zip(("_sum_tt", "_sum_ll", "_dot", "_sum_dd", "_sum_abs"), sums, strict=True):
+            setattr(self, attr, _add(getattr(self, attr), torch.stack(values).sum()))
+        self._changed = _or(self._changed, torch.stack(nonzero).any())
+        self._max_abs = _max(self._max_abs, torch.stack(maxima[0]).max())
+        if bounded:
+            self._max_bound = _max(self._max_bound, torch.stack(maxima[1]).max())
+            self._within = _add(self._within, torch.stack(within).sum())
+            self._rounded += tv.numel()
+
+    def update_zero(self, finetuned: torch.Tensor) -> None:
+        """Add a chunk whose ``T`` is all zero and that has no LoRA delta: the ``finetuned``
+        chunk's bytes equal the base's (the caller checked), so there is nothing to compute."""
+        numel = finetuned.numel()
+        if self.has_lora:
+            raise MismatchError("a tensor with a LoRA delta needs the LoRA chunk", where=self.name)
+        if self._seen + numel > self.numel:
+            raise MismatchError(
+                f"received {self._seen + numel} elements, numel is {self.numel}", where=self.name
+            )
+        self._seen += numel
+        self._tripped += numel  # equal bytes: the dtype round trip holds trivially
 
     def _update_plain(
         self, tv: torch.Tensor, finetuned: torch.Tensor | None, base: torch.Tensor | None
     ) -> None:
         # The cheap path: no float64 copy of the chunk. vector_norm upcasts per element.
         t = tv if tv.dtype.is_floating_point else tv.to(torch.float64)
+        self._changed = _or(self._changed, torch.any(t != 0))
         norm = torch.linalg.vector_norm(t, dtype=torch.float64)
         self._sum_tt = _add(self._sum_tt, norm * norm)
         if (

@@ -230,7 +230,7 @@ def assert_matches(report: CompareReport, ref: dict[str, dict], fields=FIGURES) 
 
 @pytest.fixture
 def chunk_rows(monkeypatch):
-    """Records (tensor name, rows, lora given) of every TensorAccumulator.update."""
+    """Records (tensor name, rows, lora given) of every TensorAccumulator.update(_zero)."""
     calls: list[tuple[str, int, bool]] = []
     original = TensorAccumulator.update
 
@@ -239,7 +239,14 @@ def chunk_rows(monkeypatch):
         calls.append((self.name, rows, lora is not None))
         return original(self, tv=tv, lora=lora, finetuned=finetuned, base=base)
 
+    original_zero = TensorAccumulator.update_zero
+
+    def update_zero(self, finetuned):  # an untouched chunk: equal bytes, nothing computed
+        calls.append((self.name, finetuned.shape[0] if finetuned.dim() else 1, False))
+        return original_zero(self, finetuned)
+
     monkeypatch.setattr(TensorAccumulator, "update", update)
+    monkeypatch.setattr(TensorAccumulator, "update_zero", update_zero)
     return calls
 
 

@@ -539,3 +539,31 @@ def test_rounding_fields_null_for_dtypes_without_a_bound():
     tv = torch.ones(2, 2, dtype=torch.float64)
     r = accumulate("w", tv, tv, tv.to(torch.float8_e4m3fn))
     assert r.rounding_bound is None and r.within_rounding is None and r.cosine == 1.0
+
+
+def test_update_zero_equals_feeding_a_zero_task_vector():
+    """compare's shortcut for untouched chunks (equal bytes) gives the same result as
+    feeding their all-zero T, for unchanged and partly changed tensors alike."""
+    base = torch.randn(6, 5).to(torch.bfloat16)
+    changed = base.clone()
+    changed[4, 2] += 1
+    for finetuned in (base.clone(), changed):
+        a = TensorAccumulator(
+            "w", numel=30, has_lora=False, finetuned_dtype=torch.bfloat16, base_dtype=torch.bfloat16
+        )
+        b = TensorAccumulator(
+            "w", numel=30, has_lora=False, finetuned_dtype=torch.bfloat16, base_dtype=torch.bfloat16
+        )
+        for rows in (slice(0, 3), slice(3, 6)):
+            f, x = finetuned[rows], base[rows]
+            tv = f.float() - x.float()
+            a.update(tv=tv, finetuned=f, base=x)
+            if torch.equal(f, x):
+                b.update_zero(f)
+            else:
+                b.update(tv=tv, finetuned=f, base=x)
+        assert a.result() == b.result()
+    with pytest.raises(MismatchError):
+        TensorAccumulator(
+            "w", numel=2, has_lora=True, finetuned_dtype=None, base_dtype=None
+        ).update_zero(torch.zeros(2))
