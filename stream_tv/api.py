@@ -143,6 +143,7 @@ class RunOptions:
     on_nonfinite: str = "error"
     restart: bool = False  # discard an unfinished run in the output directory, do not resume
     space_check: bool = True  # refuse up front when the output's file system lacks the space
+    fsync: bool = False  # flush each shard to disk before renaming it (power-loss durability)
 
     def chunk_bytes(self) -> int:
         if self.chunk_size is None:
@@ -187,7 +188,12 @@ def write_checkpoint(
         + _inputs_identity(inputs)
     )
     writer = ShardWriter(
-        out_path, plan, fingerprint, overwrite=options.overwrite, resume=not options.restart
+        out_path,
+        plan,
+        fingerprint,
+        overwrite=options.overwrite,
+        resume=not options.restart,
+        fsync=options.fsync,
     )
     stats_checks = engine.run(
         checks, device=device, chunk_bytes=chunk, progress=False, on_nonfinite="ignore"

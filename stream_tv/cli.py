@@ -68,6 +68,12 @@ def streaming_options(*, nonfinite_default: str) -> Callable:
                 "(by default the same command resumes it).",
             ),
             click.option(
+                "--fsync",
+                is_flag=True,
+                help="Flush each shard to disk before it is renamed (power-loss durability; "
+                "costs the time the disk needs to write the output).",
+            ),
+            click.option(
                 "--no-space-check",
                 is_flag=True,
                 help="Write even if the file system seems to lack the space for the output.",
@@ -100,6 +106,7 @@ def _run_options(kw: dict[str, Any]):
         on_nonfinite=kw.pop("on_nonfinite"),
         restart=kw.pop("restart"),
         space_check=not kw.pop("no_space_check"),
+        fsync=kw.pop("fsync"),
     )
 
 

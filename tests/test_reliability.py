@@ -447,7 +447,7 @@ def test_disk_full_reported_at_fsync(pair, tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(os, "fsync", fsync)
-        r = invoke("extract", *pair, "-o", out, *OPTS)
+        r = invoke("extract", *pair, "-o", out, *OPTS, "--fsync")
     assert r.exit_code == EXIT_IO and "disk full" in r.stderr, r.output
     assert not list(out.glob(".model-*")) and not list(out.glob("model-*"))
 

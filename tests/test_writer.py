@@ -235,3 +235,32 @@ def test_check_output_location(tmp_path):
     check_output_location(tmp_path / "elsewhere", [base, single])
     check_output_location(tmp_path / "base-out", [base, single])  # a prefix is not a parent
     check_output_location(single.parent / "tv", [base, single])  # beside an input file
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_fsync_flushes_every_shard_only_when_asked(tmp_path, monkeypatch, durable):
+    import os
+
+    from stream_tv.api import RunOptions, extract_task_vector
+
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    for d, shift in ((base, 0.0), (ft, 0.5)):
+        d.mkdir()
+        from safetensors.torch import save_file
+
+        save_file(
+            {f"w{i}": torch.full((8, 8), float(i) + shift) for i in range(3)},
+            str(d / "m.safetensors"),
+        )
+    flushed: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    opts = RunOptions(progress=False, max_shard_size=300, fsync=durable)
+    extract_task_vector(base, ft, tmp_path / "tv", options=opts)
+    shards = [p for p in flushed if p.endswith(".partial")]
+    assert len(shards) == (3 if durable else 0)
