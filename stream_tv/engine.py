@@ -221,6 +221,10 @@ def run(
     """
     t0 = time.perf_counter()
     stats = RunStats()
+    threads_before = torch.get_num_threads()
+    # The reader and writer threads need a core each: torch's own worker threads, which
+    # spin between the many small block operations, would otherwise take it from them.
+    torch.set_num_threads(max(1, threads_before - 2))
     todo = []
     for t in tasks:
         if writer is not None and t.out is not None and writer.is_complete(t.out.name):
@@ -375,6 +379,7 @@ def run(
             raise errors[0] from None
         raise
     finally:
+        torch.set_num_threads(threads_before)
         reader.close()
         if bar is not None:
             bar.close()
