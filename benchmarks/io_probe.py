@@ -3,10 +3,16 @@
 The engine's writer design (piece size, ``write`` vs ``os.pwrite``, pre-sizing) and its
 checksum choice follow from these figures. Every measurement moves ``--size`` bytes from one
 reused in-memory buffer (already faulted in), is repeated ``--repeat`` times, and the median
-is reported. Between runs the file is deleted (untimed) and ``os.sync()`` flushes dirty pages
-(untimed), so each run starts from the same state; the page cache is warm for reads.
+is reported; the repeats are interleaved (round r runs every case once). Before each write the
+previous file is deleted and ``os.sync()`` flushes dirty pages (untimed); "cold" runs then idle
+``--idle`` seconds, so freed guest memory has been handed back to the hypervisor (virtio free
+page reporting), as it is when a real job starts writing; "hot" runs write at once into the
+memory the deleted file just freed. The page cache is warm for reads. Hash rows are CPU
+seconds of this process per GB; "alloc" rows compare a fresh torch tensor per 64 MB chunk
+with one reused tensor (first touch of fresh memory is slow on this VM too).
 
     python benchmarks/io_probe.py --size 1GB --dir /work/bench-work [--repeat 3] [--json P]
+        [--conditions cold,hot] [--idle 5] [--sustained 5] [--only SUBSTR,...]
 """
 
 from __future__ import annotations
@@ -82,7 +88,8 @@ def write_pieces(path: str, mv: memoryview, total: int, piece: int, mode: str = 
             f.write(_src(mv, off, n))
 
 
-def pwrite_pieces(path: str, mv: memoryview, total: int, piece: int, presize: str = "") -> None:
+def pwrite_pieces(path: str, mv: memoryview, total: int, piece: int, presize: str = "",
+                  fsync: bool = False) -> None:
     flags = os.O_WRONLY | os.O_CREAT
     if presize != "existing":
         flags |= os.O_TRUNC
@@ -94,11 +101,13 @@ def pwrite_pieces(path: str, mv: memoryview, total: int, piece: int, presize: st
             os.posix_fallocate(fd, 0, total)
         for off, n in pieces(total, piece):
             os.pwrite(fd, _src(mv, off, n), off)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def direct_pwrite(path: str, src: memoryview, total: int, piece: int) -> None:
+def direct_pwrite(path: str, src: memoryview, total: int, piece: int, fsync: bool = False) -> None:
     """O_DIRECT: no page cache; ``src`` must be page-aligned (an anonymous mmap), pieces a
     multiple of 4096; the tail is written padded and the file truncated to ``total``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
@@ -108,6 +117,8 @@ def direct_pwrite(path: str, src: memoryview, total: int, piece: int) -> None:
             padded = (n + 4095) // 4096 * 4096
             os.pwrite(fd, _src(src, off, padded), off)
         os.ftruncate(fd, total)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -126,6 +137,34 @@ def write_drop_behind(path: str, mv: memoryview, total: int, piece: int, window:
                 done += window
         os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def write_early_writeback(path: str, mv: memoryview, total: int, piece: int, window: int,
+                          how: str) -> None:
+    """Durable like ``+ fsync``, but writeback of each finished ``window`` is started at once
+    (asynchronously), so the final fsync only waits for the tail. ``how``: "fadvise"
+    (POSIX_FADV_DONTNEED on a dirty range starts writeback, then drops what is clean) or
+    "sync_file_range" (SYNC_FILE_RANGE_WRITE through ctypes)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_uint]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, total)
+        done = 0
+        for off, n in pieces(total, piece):
+            os.pwrite(fd, _src(mv, off, n), off)
+            if off + n - done >= window:
+                if how == "fadvise":
+                    os.posix_fadvise(fd, done, off + n - done, os.POSIX_FADV_DONTNEED)
+                else:
+                    libc.sync_file_range(fd, done, off + n - done, 2)  # SYNC_FILE_RANGE_WRITE
+                done = off + n
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -190,17 +229,16 @@ def checksum(kind: str, mv: memoryview, total: int, piece: int) -> None:
 # --------------------------------------------------------------------------- harness
 
 
-def measure(
-    fn: Callable[[], None], repeat: int, before: Callable[[], None] | None = None
-) -> dict:
-    runs = []
-    for _ in range(repeat):
-        if before is not None:
-            before()
-        load = os.getloadavg()[0]
-        with Timer() as t:
-            fn()
-        runs.append({"wall": t.wall, "user": t.user, "sys": t.sys, "load1": load})
+def run_once(fn: Callable[[], None], before: Callable[[], None] | None) -> dict:
+    if before is not None:
+        before()
+    load = os.getloadavg()[0]
+    with Timer() as t:
+        fn()
+    return {"wall": t.wall, "user": t.user, "sys": t.sys, "load1": load}
+
+
+def summary(runs: list[dict]) -> dict:
     med = {k: statistics.median(r[k] for r in runs) for k in ("wall", "user", "sys")}
     return {"runs": runs, **med, "min_wall": min(r["wall"] for r in runs)}
 
@@ -296,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     for piece in (64 * K, 128 * K, 256 * K, 512 * K, 1 * M, 4 * M, 64 * M):
         name = "f.write whole 64M buffers" if piece == BUF else f"f.write {human(piece)} slices"
         write_cases.append((name, lambda p=piece: write_pieces(dst, mv, total, p)))
-    for piece in (256 * K, 1 * M):
+    for piece in (256 * K, 1 * M, 4 * M, 64 * M):
         h = human(piece)
         write_cases += [
             (f"os.pwrite {h}", lambda p=piece: pwrite_pieces(dst, mv, total, p)),
@@ -313,6 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     for piece in (1 * M, 8 * M, 64 * M):
         write_cases.append((f"O_DIRECT os.pwrite {human(piece)}, presized",
                             lambda p=piece: direct_pwrite(dst, amv, total, p)))
+    write_cases += [  # durable: the file is on disk when the call returns
+        ("os.pwrite 256K + fsync", lambda: pwrite_pieces(dst, mv, total, 256 * K, fsync=True)),
+        ("os.pwrite 256K, posix_fallocate presized + fsync",
+         lambda: pwrite_pieces(dst, mv, total, 256 * K, "fallocate", fsync=True)),
+        ("O_DIRECT os.pwrite 8M, presized + fsync",
+         lambda: direct_pwrite(dst, amv, total, 8 * M, fsync=True)),
+        ("os.pwrite 256K, posix_fallocate, FADV_DONTNEED per 64M (async writeback) + fsync",
+         lambda: write_early_writeback(dst, mv, total, 256 * K, 64 * M, "fadvise")),
+        ("os.pwrite 256K, posix_fallocate, sync_file_range per 64M + fsync",
+         lambda: write_early_writeback(dst, mv, total, 256 * K, 64 * M, "sync_file_range")),
+    ]
     write_cases.append(("os.pwrite 256K, fdatasync + FADV_DONTNEED behind 64M windows",
                         lambda: write_drop_behind(dst, mv, total, 256 * K, 64 * M)))
     write_cases.append(("cat 1 file > new file (copy_file_range)", lambda: cat_copy(src, dst)))
@@ -320,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: dd_copy(src, dst, "256K")))
 
     cases: list[tuple[str, str, Callable[[], None], Callable[[], None] | None]] = []
-    conds = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    conds = [c.strip() for c in args.conditions.split(",") if c.strip() in ("cold", "hot")]
     for cond in conds:
         before = fresh_cold if cond == "cold" else fresh_hot
         cases += [(f"write {cond}", name, fn, before) for name, fn in write_cases]
@@ -330,15 +379,24 @@ def main(argv: list[str] | None = None) -> int:
         ("write", "f.write 64M, overwrite existing cached file",
          lambda: write_pieces(dst, mv, total, BUF, "r+b"), existing),
     ]
-    if args.sustained:
+    if args.sustained:  # more than the dirty-page limit: writeback throttles buffered writes
         n = args.sustained
-
-        def sustained(p: int) -> Callable[[], None]:
-            return lambda: write_pieces(dst, mv, n * total, p)
-
+        big = n * total
         cases += [
-            (f"write {n}x", f"f.write 256K slices, {n}x size, no sync", sustained(256 * K), fresh_cold),
-            (f"write {n}x", f"f.write 64M buffers, {n}x size, no sync", sustained(BUF), fresh_cold),
+            (f"write {n}x", f"f.write 256K slices, {n}x size, no sync",
+             lambda: write_pieces(dst, mv, big, 256 * K), fresh_cold),
+            (f"write {n}x", f"f.write 64M buffers, {n}x size, no sync",
+             lambda: write_pieces(dst, mv, big, BUF), fresh_cold),
+            (f"write {n}x", f"os.pwrite 256K, posix_fallocate presized, {n}x size, no sync",
+             lambda: pwrite_pieces(dst, mv, big, 256 * K, "fallocate"), fresh_cold),
+            (f"write {n}x", f"O_DIRECT os.pwrite 8M, presized, {n}x size",
+             lambda: direct_pwrite(dst, amv, big, 8 * M), fresh_cold),
+            (f"write {n}x", f"os.pwrite 256K, posix_fallocate, sync_file_range per 64M + fsync, "
+             f"{n}x size", lambda: write_early_writeback(dst, mv, big, 256 * K, 64 * M,
+                                                          "sync_file_range"), fresh_cold),
+            (f"write {n}x", f"os.pwrite 256K, posix_fallocate, FADV_DONTNEED per 64M + fsync, "
+             f"{n}x size", lambda: write_early_writeback(dst, mv, big, 256 * K, 64 * M,
+                                                          "fadvise"), fresh_cold),
         ]
     for piece in (256 * K, 8 * M):
         cases.append(("read", f"readinto reused {human(piece)} buffer",
@@ -370,18 +428,26 @@ def main(argv: list[str] | None = None) -> int:
         os.sync()
         cat_null(src)
 
+    # Interleaved: round r runs every case once, so slow spells of the host (which come and
+    # go over tens of seconds) hit every strategy alike instead of one case's repeats.
+    runs: list[list[dict]] = [[] for _ in cases]
+    for rnd in range(args.repeat):
+        print(f"# round {rnd + 1}/{args.repeat}", file=sys.stderr, flush=True)
+        for i, (_kind, _name, fn, before) in enumerate(cases):
+            runs[i].append(run_once(fn, before))
+
     results = []
     print("\n| kind | strategy | median s/GB | GB/s | min s/GB | user s/GB | sys s/GB | runs: wall s "
           "(1-min load avg before) |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
-    for kind, name, fn, before in cases:
-        r = measure(fn, args.repeat, before)
+    for i, (kind, name, _fn, _before) in enumerate(cases):
+        r = summary(runs[i])
         g = gb * (args.sustained if "x size" in name else 1)
         r.update(kind=kind, name=name, gb=g)
         results.append(r)
-        runs = ", ".join(f"{x['wall']:.2f} ({x['load1']:.1f})" for x in r["runs"])
+        rs = ", ".join(f"{x['wall']:.2f} ({x['load1']:.1f})" for x in r["runs"])
         print(f"| {kind} | {name} | {r['wall'] / g:.3f} | {g / r['wall']:.2f} | "
-              f"{r['min_wall'] / g:.3f} | {r['user'] / g:.3f} | {r['sys'] / g:.3f} | {runs} |",
+              f"{r['min_wall'] / g:.3f} | {r['user'] / g:.3f} | {r['sys'] / g:.3f} | {rs} |",
               flush=True)
 
     for p in (dst, src):

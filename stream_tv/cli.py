@@ -170,6 +170,12 @@ def cli(debug: bool) -> None:
 
     MODEL references are a directory (model.safetensors.index.json or *.safetensors), a
     .safetensors file, or a Hugging Face Hub id org/name[@revision].
+
+    \b
+    Examples:
+      stream-tv demo ./stream-tv-demo              # a small example, end to end
+      stream-tv merge org/base ./lora -o ./merged  # PEFT-exact merge, streamed
+      stream-tv compare --base org/base --finetuned ./merged --adapter ./lora
     """
     _State.debug = debug
 
