@@ -389,6 +389,15 @@ class ShardWriter:
         except OSError as e:
             raise self._disk_error(e, f"creating {tmp.name}") from e
         try:
+            if hasattr(os, "posix_fallocate") and layout.size > 0:
+                # Reserve the whole shard up front: a full disk shows here, before any data
+                # is written, and writes into allocated blocks ran 1.5-2.5x faster on the
+                # test VM (benchmarks/IO_PROBE.md).
+                try:
+                    os.posix_fallocate(fd, 0, layout.size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
             if os.pwrite(fd, layout.header, 0) != len(layout.header):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as e:
