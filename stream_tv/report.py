@@ -553,7 +553,12 @@ class CompareReport:
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
             return lines + [""]
 
-        out = ["# LoRA delta vs task vector", "", f"**{self.headline()}**", ""]
+        title = (
+            "# Task vector vs task vector"
+            if self._mode() == "task_vectors"
+            else "# LoRA delta vs task vector"
+        )
+        out = [title, "", f"**{self.headline()}**", ""]
         inputs = _json_safe(self.inputs)
         if inputs:
             out += ["## Inputs", ""]
@@ -735,7 +740,8 @@ class CompareReport:
         ax_cos.yaxis.set_major_formatter(FuncFormatter(lambda y, _: _cos_tick(y)))
         ax_cos.invert_yaxis()  # better agreement is higher, as with a plain cosine axis
         ax_cos.set_ylabel("cosine(L, T)  [log scale of 1 - cos]")
-        ax_cos.set_title("Cosine of LoRA delta L and task vector T (higher is better)", fontsize=10)
+        what = "the first task vector L" if self._mode() == "task_vectors" else "LoRA delta L"
+        ax_cos.set_title(f"Cosine of {what} and task vector T (higher is better)", fontsize=10)
         ax_rel.set_ylabel("relative error ||L - T|| / ||T||")
         ax_rel.set_title("Relative error (lower is better)", fontsize=10)
         ax_rel.set_xlabel("layer")

@@ -575,6 +575,7 @@ def test_two_identical_task_vectors(task_vectors):
     assert report.headline() == (
         "The first task vector explains the second on 14 of 14 changed tensors (mean cosine 1.0)"
     )
+    assert report.to_markdown().startswith("# Task vector vs task vector\n")
 
 
 def test_task_vector_against_its_double(task_vectors):
