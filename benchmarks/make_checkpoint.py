@@ -37,6 +37,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sizes import parse_size  # noqa: E402
 
+from stream_tv.io.writer import plan_shards as plan_shard_names  # noqa: E402
+from stream_tv.io.writer import shard_name  # noqa: E402
+from stream_tv.synthetic import llama_shapes  # noqa: E402
+
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
@@ -66,25 +70,7 @@ def shape_for(hidden: int, layers: int) -> dict:
 
 def tensor_specs(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) in the order transformers saves a LlamaForCausalLM state dict."""
-    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    q = shape["num_attention_heads"] * shape["head_dim"]
-    kv = shape["num_key_value_heads"] * shape["head_dim"]
-    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
-    for n in range(shape["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        specs += [
-            (p + "self_attn.q_proj.weight", (q, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, q)),
-            (p + "mlp.gate_proj.weight", (i, h)),
-            (p + "mlp.up_proj.weight", (i, h)),
-            (p + "mlp.down_proj.weight", (h, i)),
-            (p + "input_layernorm.weight", (h,)),
-            (p + "post_attention_layernorm.weight", (h,)),
-        ]
-    specs += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-    return specs
+    return list(llama_shapes(shape).items())
 
 
 def numel(s: tuple[int, ...]) -> int:
@@ -250,22 +236,10 @@ def full_ft_(w: torch.Tensor, seed: int, name: str, scratch: Scratch) -> None:
 
 def plan_shards(specs: list[tuple[str, tuple[int, ...]]], itemsize: int,
                 max_shard: int) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Greedy split in order, as transformers does: a new shard when the next tensor would
-    push the current one past ``max_shard`` (a tensor larger than that gets its own)."""
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    cur = 0
-    for name, shape in specs:
-        n = numel(shape) * itemsize
-        if shards[-1] and cur + n > max_shard:
-            shards.append([])
-            cur = 0
-        shards[-1].append((name, shape))
-        cur += n
-    return shards
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    """stream_tv's shard planner (greedy, in order, as transformers does) over specs."""
+    shapes = dict(specs)
+    groups = plan_shard_names([(n, numel(s) * itemsize) for n, s in specs], max_shard)
+    return [[(n, shapes[n]) for n in group] for group in groups]
 
 
 def write_index(d: str, weight_map: dict[str, str], total: int) -> None:
