@@ -1,16 +1,23 @@
-"""The one streaming loop every command runs: plan -> read chunk -> device -> op -> write.
+"""The one streaming loop every command runs: read chunk -> device -> compute -> write.
 
-A command turns its inputs into a list of :class:`Task` s (one per output tensor, or per
-tensor to analyse). The engine splits each task into row ranges that fit the chunk budget and
-runs three stages at once, joined by small queues:
+A command's planner turns its inputs into :class:`Task` s (one per output tensor, or per
+tensor to analyse); :func:`stream_tv.jobs.execute` hands them here. The engine splits each
+task into row ranges that fit the chunk budget and runs three stages at once, joined by
+small queues:
 
-    reader thread   preadv rows of every input into a free buffer slot
-    main thread     move to the device (pinned buffer, non-blocking copy), task.compute(chunk)
-    writer thread   copy back, write the bytes into the planned shard, free the slot
+    reader thread   preadv rows of every input into a free buffer slot     (_read_stage)
+    main thread     to the device (pinned buffer, non-blocking copy),      (_to_device)
+                    task.compute(chunk), NaN/Inf check, copy back          (_compute)
+    writer thread   hand the output bytes to the sink, free the slot       (_write_stage)
 
 so reading chunk i+1, computing chunk i and writing chunk i-1 overlap. Three slots are
 allocated once and reused: resident memory is about 3 slots + one chunk of temporaries,
-whatever the tensor, shard or model size.
+whatever the tensor, shard or model size. The sink is anything with ``write(name, offset,
+bytes)`` and ``abort()``: the shard writer, or verify's comparing sink.
+
+A task may hold state from its first chunk to its last (LoRA factors on the device, a DoRA
+norm accumulator): ``Task.session(device)`` is a context manager entered before the first
+chunk and exited after the last, or on any error, so nothing stays loaded.
 
 ``# subtle:`` a chunk is never a single row unless the tensor has one row (``min_rows``).
 On CPU a matrix product over a few rows can take another kernel whose bits differ from the
@@ -21,25 +28,27 @@ MKL/AVX-512 even 2- and 3-row products differ. ``merge`` must reproduce PEFT's b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from .errors import InputError, Interrupted, NonFiniteError
+from .errors import InputError, Interrupted, NonFiniteError, invariant
 from .io.index import TensorSpec
 from .io.reader import Reader
-from .io.writer import OutTensor, ShardWriter
+from .io.writer import OutTensor
 
 DEFAULT_CHUNK_MIN = 8 * 2**20
 DEFAULT_CHUNK_MAX = 64 * 2**20
 _ALIGN = 64
 _SLOTS = 3
+_SPARE_CORES = 2  # the reader and writer threads
 
 
 @dataclass
@@ -53,6 +62,7 @@ class Chunk:
     inputs: list[torch.Tensor]  # one per task input, on the compute device
     out: torch.Tensor | None  # where to put the result (on the compute device), or None
     device: torch.device
+    state: Any = None  # what the task's session yielded
 
 
 @dataclass
@@ -60,9 +70,10 @@ class Task:
     """One tensor's work: which inputs to read row-aligned, and what to do with each chunk.
 
     ``compute(chunk)`` returns the output rows (ideally ``chunk.out`` filled in place), or
-    ``None`` when the task writes nothing (statistics, equality checks). With ``passes=2``
-    the rows are streamed twice; only the last pass writes. ``finish()`` gives the task's
-    result (e.g. its statistics) after its last chunk.
+    ``None`` when the task writes nothing (statistics, equality checks). With ``passes > 1``
+    the rows are streamed several times, in order; only the last pass writes. ``session``
+    (optional) opens per-task state on the device for the task's chunks (``chunk.state``);
+    ``finish()`` gives the task's result (e.g. its statistics) after its last chunk.
     """
 
     name: str
@@ -72,8 +83,8 @@ class Task:
     passes: int = 1
     min_rows: int = 2
     work_row_bytes: int = 0  # temporaries compute needs per row, for chunk sizing
+    session: Callable[[torch.device], contextlib.AbstractContextManager[Any]] | None = None
     finish: Callable[[], Any] | None = None
-    start: Callable[[torch.device], None] | None = None  # e.g. load small factors to device
 
     @property
     def rows(self) -> int:
@@ -85,11 +96,23 @@ class Task:
     def out_row_bytes(self) -> int:
         if self.out is None:
             return 0
-        return math.prod(self.out.shape[1:] if len(self.out.shape) >= 2 else ()) * self.out.dtype.itemsize
+        return math.prod(self.out.shape[1:] if len(self.out.shape) >= 2 else ()) * (
+            self.out.dtype.itemsize
+        )
 
     @property
     def input_bytes(self) -> int:
         return sum(s.nbytes for s in self.inputs) * self.passes
+
+
+class Sink(Protocol):
+    """Where the output bytes of a run go (the shard writer, or verify's comparison)."""
+
+    def write(self, name: str, offset: int, data: memoryview) -> None:
+        """Bytes ``[offset, offset + len(data))`` of output tensor ``name``, in order."""
+
+    def abort(self) -> None:
+        """The run failed or was interrupted: drop what is unfinished."""
 
 
 def _rows(shape: Sequence[int]) -> int:
@@ -140,11 +163,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def default_chunk_bytes() -> int:
-    """A chunk budget from free memory: 1/32 of what is available, within 8-64 MiB (more buys no speed: see benchmarks/RESULTS.md)."""
-    available = _available_memory()
+def default_chunk_bytes(available: int | None = None) -> int:
+    """A chunk budget from free memory: 1/32 of what is available, within 8-64 MiB (more
+    buys no speed: see benchmarks/RESULTS.md).
+
+    >>> default_chunk_bytes(2**30) == 32 * 2**20, default_chunk_bytes(2**20) == DEFAULT_CHUNK_MIN
+    (True, True)
+    """
     if available is None:
-        return 64 * 2**20
+        available = _available_memory()
+    if available is None:
+        return DEFAULT_CHUNK_MAX
     return int(min(DEFAULT_CHUNK_MAX, max(DEFAULT_CHUNK_MIN, available // 32)))
 
 
@@ -160,11 +189,74 @@ def _available_memory() -> int | None:
 
 
 @dataclass
+class RunStats:
+    """What one engine run did."""
+
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    tasks_done: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+
+def run(
+    tasks: Sequence[Task],
+    *,
+    device: torch.device,
+    chunk_bytes: int,
+    sink: Sink | None = None,
+    progress: bool = True,
+    description: str = "stream-tv",
+    on_nonfinite: str = "ignore",
+    tune_malloc: bool = True,
+) -> RunStats:
+    """Stream every task through the pipeline; return counts, timings and task results.
+
+    ``on_nonfinite``: ``"error"`` raises :class:`NonFiniteError` at the first output chunk
+    holding NaN/Inf, ``"warn"`` counts them per tensor in ``RunStats.nonfinite``,
+    ``"ignore"`` skips the check. On any error (Ctrl-C becomes :class:`Interrupted`) the
+    sink is aborted and the error raised.
+    """
+    t0 = time.perf_counter()
+    if tune_malloc:
+        _reuse_freed_memory()
+    pipe = _Pipeline(list(tasks), list(_plan_steps(tasks, chunk_bytes)), device, sink)
+    bar = _progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
+    try:
+        with _fewer_torch_threads(_SPARE_CORES), contextlib.ExitStack() as sessions:
+            pipe.start()
+            _compute(pipe, sessions, on_nonfinite, bar)
+            pipe.join()
+        if pipe.errors:
+            raise pipe.errors[0]
+    except BaseException as e:
+        pipe.stop()
+        if sink is not None:
+            sink.abort()
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted("interrupted") from e
+        if isinstance(e, _Stop) and pipe.errors:
+            raise pipe.errors[0] from None
+        raise
+    finally:
+        pipe.reader.close()
+        if bar is not None:
+            bar.close()
+    pipe.stats.seconds = time.perf_counter() - t0
+    return pipe.stats
+
+
+# ---- the stages -------------------------------------------------------------------------
+
+
+@dataclass
 class _Step:
     task_index: int
     pass_index: int
     start: int
     stop: int
+    first: bool  # first chunk of the task's first pass
     last: bool  # last chunk of the task's last pass
     writes: bool  # a chunk of the pass that produces the output
 
@@ -186,69 +278,51 @@ class _Slot:
         return [self.buffer[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
 
 
-@dataclass
-class RunStats:
-    """What one engine run did."""
-
-    seconds: float = 0.0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    tasks_done: int = 0
-    tasks_skipped: int = 0  # already complete on disk (resume)
-    results: dict[str, Any] = field(default_factory=dict)
-    nonfinite: dict[str, int] = field(default_factory=dict)
-
-
 class _Stop(Exception):
-    pass
+    """A stage noticed that another one failed."""
 
 
-def run(
-    tasks: Sequence[Task],
-    *,
-    device: torch.device,
-    chunk_bytes: int,
-    writer: ShardWriter | None = None,
-    progress: bool = True,
-    description: str = "stream-tv",
-    on_nonfinite: str = "ignore",
-) -> RunStats:
-    """Stream every task through the pipeline; return counts, timings and task results.
+class _Pipeline:
+    """The queues and threads of one run; the main thread computes (see :func:`_compute`)."""
 
-    ``on_nonfinite``: ``"error"`` raises :class:`NonFiniteError` at the first output chunk
-    holding NaN/Inf, ``"warn"`` counts them per tensor in ``RunStats.nonfinite``,
-    ``"ignore"`` skips the check.
-    """
-    t0 = time.perf_counter()
-    stats = RunStats()
-    _reuse_freed_memory()
-    threads_before = torch.get_num_threads()
-    # The reader and writer threads need a core each: torch's own worker threads, which
-    # spin between the many small block operations, would otherwise take it from them.
-    torch.set_num_threads(max(1, threads_before - 2))
-    todo = []
-    for t in tasks:
-        if writer is not None and t.out is not None and writer.is_complete(t.out.name):
-            stats.tasks_skipped += 1
-        else:
-            todo.append(t)
-    steps = list(_plan_steps(todo, chunk_bytes))
-    total_bytes = sum(t.input_bytes for t in todo)
-    bar = _progress_bar(progress, total_bytes, len(todo), description)
+    def __init__(
+        self, tasks: list[Task], steps: list[_Step], device: torch.device, sink: Sink | None
+    ):
+        self.tasks, self.steps, self.device, self.sink = tasks, steps, device, sink
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.free: queue.Queue[_Slot] = queue.Queue()
+        for _ in range(_SLOTS):
+            self.free.put(_Slot(pinned=self.cuda))
+        self.ready: queue.Queue = queue.Queue(maxsize=1)
+        self.to_write: queue.Queue = queue.Queue(maxsize=1)
+        self.stopping = threading.Event()
+        self.errors: list[BaseException] = []
+        self.reader = Reader()
+        self.stats = RunStats()
+        self.threads = [
+            threading.Thread(target=self._guard(self._read_stage), name="stream-tv-reader"),
+            threading.Thread(target=self._guard(self._write_stage), name="stream-tv-writer"),
+        ]
+        for th in self.threads:
+            th.daemon = True
 
-    use_cuda = device.type == "cuda"
-    free: queue.Queue[_Slot] = queue.Queue()
-    for _ in range(_SLOTS):
-        free.put(_Slot(pinned=use_cuda))
-    ready: queue.Queue = queue.Queue(maxsize=1)
-    to_write: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    reader = Reader()
-    copy_stream = torch.cuda.Stream(device) if use_cuda else None
+    def start(self) -> None:
+        for th in self.threads:
+            th.start()
 
-    def put(q: queue.Queue, item: object) -> None:
-        while not stop.is_set():
+    def join(self) -> None:
+        for th in self.threads:
+            th.join()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for th in self.threads:
+            if th.is_alive():
+                th.join(timeout=10)
+
+    def put(self, q: queue.Queue, item: object) -> None:
+        while not self.stopping.is_set():
             try:
                 q.put(item, timeout=0.1)
                 return
@@ -256,140 +330,131 @@ def run(
                 continue
         raise _Stop
 
-    def get(q: queue.Queue) -> Any:
+    def get(self, q: queue.Queue) -> Any:
         while True:
             try:
                 return q.get(timeout=0.1)
             except queue.Empty:
-                if stop.is_set():
+                if self.stopping.is_set():
                     raise _Stop from None
 
-    def read_stage() -> None:
-        try:
-            for step in steps:
-                task = todo[step.task_index]
-                slot = get(free)
-                sizes = [(step.stop - step.start) * s.row_numel * s.itemsize for s in task.inputs]
-                out_size = (step.stop - step.start) * task.out_row_bytes if step.writes else 0
-                bufs = slot.carve([*sizes, out_size])
-                tensors = [
-                    reader.read_into(spec, step.start, step.stop, buf)
-                    for spec, buf in zip(task.inputs, bufs[:-1], strict=True)
-                ]
-                put(ready, (step, slot, tensors, bufs[-1]))
-            put(ready, None)
-        except _Stop:
-            pass
-        except BaseException as e:  # handed to the main thread
-            errors.append(e)
-            stop.set()
+    def _guard(self, stage: Callable[[], None]) -> Callable[[], None]:
+        def run_stage() -> None:
+            try:
+                stage()
+            except _Stop:
+                pass
+            except BaseException as e:  # handed to the main thread
+                self.errors.append(e)
+                self.stopping.set()
 
-    def write_stage() -> None:
-        try:
-            while (item := get(to_write)) is not None:
-                task, step, slot, host_out, event = item
-                if host_out is not None and writer is not None:
-                    if event is not None:
-                        event.synchronize()
-                    out = task.out
-                    offset = step.start * task.out_row_bytes
-                    writer.write(out.name, offset, _bytes_of(host_out))
-                    stats.bytes_written += host_out.numel() * host_out.element_size()
-                free.put(slot)
-        except _Stop:
-            pass
-        except BaseException as e:
-            errors.append(e)
-            stop.set()
+        return run_stage
 
-    threads = [
-        threading.Thread(target=read_stage, name="stream-tv-reader", daemon=True),
-        threading.Thread(target=write_stage, name="stream-tv-writer", daemon=True),
-    ]
-    for th in threads:
-        th.start()
-    started: set[int] = set()
-    try:
-        while (item := get(ready)) is not None:
-            step, slot, host_inputs, out_buf = item
-            task = todo[step.task_index]
-            if step.task_index not in started:
-                started.add(step.task_index)
-                if task.start is not None:
-                    task.start(device)
-            writes = step.writes
+    def _read_stage(self) -> None:
+        for step in self.steps:
+            task = self.tasks[step.task_index]
+            slot = self.get(self.free)
             rows = step.stop - step.start
-            out_shape = _chunk_shape(task.out.shape, rows) if task.out is not None else ()
-            if use_cuda:
-                with torch.cuda.stream(copy_stream):
-                    inputs = [x.to(device, non_blocking=True) for x in host_inputs]
-                compute_stream = torch.cuda.current_stream(device)
-                compute_stream.wait_stream(copy_stream)
-                for x in inputs:  # used on the compute stream: don't recycle them early
-                    x.record_stream(compute_stream)
-                out = torch.empty(out_shape, dtype=task.out.dtype, device=device) if writes else None
-            else:
-                inputs = host_inputs
-                out = out_buf.view(task.out.dtype).view(out_shape) if writes else None
-            chunk = Chunk(task, step.pass_index, step.start, step.stop, inputs, out, device)
-            result = task.compute(chunk)
-            host_out = None
-            event = None
-            if writes:
-                if result is None:
-                    raise AssertionError(f"task {task.name} returned no rows to write")
-                _check_finite(task.name, result, on_nonfinite, stats)
-                host_out = out_buf.view(task.out.dtype).view(out_shape)
-                if use_cuda:
-                    host_out.copy_(result, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                elif result.data_ptr() != host_out.data_ptr():
-                    host_out.copy_(result)
-            if step.last:
-                if task.finish is not None:
-                    stats.results[task.name] = task.finish()
-                stats.tasks_done += 1
-                if bar is not None:
-                    bar.set_postfix_str(f"{stats.tasks_done}/{len(todo)} tensors", refresh=False)
-            put(to_write, (task, step, slot, host_out, event))
-            stats.bytes_read += sum(x.numel() * x.element_size() for x in host_inputs)
+            sizes = [rows * s.row_numel * s.itemsize for s in task.inputs]
+            out_size = rows * task.out_row_bytes if step.writes else 0
+            bufs = slot.carve([*sizes, out_size])
+            tensors = [
+                self.reader.read_into(spec, step.start, step.stop, buf)
+                for spec, buf in zip(task.inputs, bufs[:-1], strict=True)
+            ]
+            self.put(self.ready, (step, slot, tensors, bufs[-1]))
+        self.put(self.ready, None)
+
+    def _write_stage(self) -> None:
+        while (item := self.get(self.to_write)) is not None:
+            task, step, slot, host_out, event = item
+            if host_out is not None and self.sink is not None:
+                if event is not None:
+                    event.synchronize()
+                offset = step.start * task.out_row_bytes
+                self.sink.write(task.out.name, offset, bytes_of(host_out))
+                self.stats.bytes_written += host_out.numel() * host_out.element_size()
+            self.free.put(slot)
+
+
+def _compute(pipe: _Pipeline, sessions: contextlib.ExitStack, on_nonfinite: str, bar) -> None:
+    """The main thread's stage: each chunk to the device, through its task, and back."""
+    stats = pipe.stats
+    state = None
+    while (item := pipe.get(pipe.ready)) is not None:
+        step, slot, host_inputs, out_buf = item
+        task = pipe.tasks[step.task_index]
+        if step.first and task.session is not None:
+            state = sessions.enter_context(task.session(pipe.device))
+        inputs, out = _to_device(pipe, task, step, host_inputs, out_buf)
+        chunk = Chunk(task, step.pass_index, step.start, step.stop, inputs, out, pipe.device)
+        chunk.state = state
+        result = task.compute(chunk)
+        host_out, event = None, None
+        if step.writes:
+            invariant(result is not None, f"task {task.name} returned no rows to write")
+            _check_finite(task.name, result, on_nonfinite, stats)
+            host_out, event = _to_host(pipe, result, out_buf, task.out.dtype, out.shape)
+        if step.last:
+            sessions.close()  # the task's session ends with its last chunk
+            state = None
+            if task.finish is not None:
+                stats.results[task.name] = task.finish()
+            stats.tasks_done += 1
             if bar is not None:
-                bar.update(sum(x.numel() * x.element_size() for x in host_inputs))
-        put(to_write, None)
-        for th in threads:
-            th.join()
-    except KeyboardInterrupt as e:
-        stop.set()
-        _join(threads)
-        if writer is None:
-            raise Interrupted("interrupted") from e
-        writer.abort()
-        raise Interrupted(
-            f"interrupted; {len(writer.completed)} of {len(writer.plan.shards)} shard(s) "
-            "complete and kept",
-            where=str(writer.out),
-            hint="rerun the same command to resume from there, or add --restart to start over",
-        ) from e
-    except BaseException as e:
-        stop.set()
-        _join(threads)
-        if writer is not None:
-            writer.abort()
-        if isinstance(e, _Stop) and errors:
-            raise errors[0] from None
-        raise
-    finally:
-        torch.set_num_threads(threads_before)
-        reader.close()
+                bar.set_postfix_str(f"{stats.tasks_done}/{len(pipe.tasks)} tensors", refresh=False)
+        pipe.put(pipe.to_write, (task, step, slot, host_out, event))
+        nbytes = sum(x.numel() * x.element_size() for x in host_inputs)
+        stats.bytes_read += nbytes
         if bar is not None:
-            bar.close()
-    if errors:
-        if writer is not None:
-            writer.abort()
-        raise errors[0]
-    stats.seconds = time.perf_counter() - t0
-    return stats
+            bar.update(nbytes)
+    pipe.put(pipe.to_write, None)
+
+
+def _to_device(
+    pipe: _Pipeline, task: Task, step: _Step, host_inputs: list[torch.Tensor], out_buf
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The chunk's inputs on the compute device, and where its output rows go."""
+    out_shape = _chunk_shape(task.out.shape, step.stop - step.start) if step.writes else ()
+    if not pipe.cuda:
+        out = out_buf.view(task.out.dtype).view(out_shape) if step.writes else None
+        return host_inputs, out
+    with torch.cuda.stream(pipe.copy_stream):
+        inputs = [x.to(pipe.device, non_blocking=True) for x in host_inputs]
+    compute_stream = torch.cuda.current_stream(pipe.device)
+    compute_stream.wait_stream(pipe.copy_stream)
+    for x in inputs:  # used on the compute stream: don't recycle them early
+        x.record_stream(compute_stream)
+    out = torch.empty(out_shape, dtype=task.out.dtype, device=pipe.device) if step.writes else None
+    return inputs, out
+
+
+def _to_host(pipe: _Pipeline, result: torch.Tensor, out_buf, dtype, shape):
+    """The output rows in the slot's host buffer (and a CUDA event to wait for)."""
+    host_out = out_buf.view(dtype).view(shape)
+    if pipe.cuda:
+        host_out.copy_(result, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host_out, event
+    if result.data_ptr() != host_out.data_ptr():
+        host_out.copy_(result)
+    return host_out, None
+
+
+@contextlib.contextmanager
+def _fewer_torch_threads(spare: int) -> Iterator[None]:
+    """Leave ``spare`` cores to the reader and writer threads for the run, then restore.
+
+    torch's own worker threads, which spin between the many small block operations, would
+    otherwise take those cores from them. Restored on every exit, errors included.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before - spare))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _MALLOC_TUNED = False
@@ -402,7 +467,8 @@ def _reuse_freed_memory() -> None:
     # mmap()s and unmaps them on free, so every chunk's float32 temporaries (a LoRA delta,
     # an upcast weight) would fault in new zeroed pages: ~0.5 s per GB here, a third of a
     # merge. With the threshold raised and trimming off, the same few blocks are reused;
-    # the heap stays at the size of one chunk's temporaries.
+    # the heap stays at the size of one chunk's temporaries. Process-wide and not undoable
+    # (glibc has no call to return to dynamic thresholds): RunOptions.tune_malloc says so.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -418,11 +484,6 @@ def _reuse_freed_memory() -> None:
         pass
 
 
-def _join(threads: Sequence[threading.Thread]) -> None:
-    for th in threads:
-        th.join(timeout=10)
-
-
 def _chunk_shape(shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
     if len(shape) >= 2:
         return (rows, *shape[1:])
@@ -431,17 +492,25 @@ def _chunk_shape(shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
 
 def _plan_steps(tasks: Sequence[Task], chunk_bytes: int) -> Iterator[_Step]:
     for i, task in enumerate(tasks):
-        row_cost = sum(s.row_numel * s.itemsize for s in task.inputs) + task.out_row_bytes
-        row_cost += task.work_row_bytes
-        per_chunk = max(1, chunk_bytes // max(row_cost, 1))
-        ranges = row_ranges(task.rows, per_chunk, task.min_rows)
-        if not ranges:  # an empty tensor: one empty step so it is finished (and written)
-            ranges = [(0, 0)]
+        data_row = sum(s.row_numel * s.itemsize for s in task.inputs) + task.out_row_bytes
+        if data_row == 0:
+            # An empty tensor (a zero in its shape, e.g. [2**62, 0]), or rows of no bytes:
+            # one step, whatever the first dimension, so it is finished (and written).
+            ranges = [(0, task.rows)]
+        else:
+            per_chunk = max(1, chunk_bytes // (data_row + task.work_row_bytes))
+            ranges = row_ranges(task.rows, per_chunk, task.min_rows) or [(0, 0)]
         for p in range(task.passes):
+            final = p == task.passes - 1
             for j, (a, b) in enumerate(ranges):
-                final = p == task.passes - 1
                 yield _Step(
-                    i, p, a, b, last=final and j == len(ranges) - 1, writes=final and task.out is not None
+                    i,
+                    p,
+                    a,
+                    b,
+                    first=p == 0 and j == 0,
+                    last=final and j == len(ranges) - 1,
+                    writes=final and task.out is not None,
                 )
 
 
@@ -459,7 +528,8 @@ def _check_finite(name: str, x: torch.Tensor, mode: str, stats: RunStats) -> Non
     if mode == "error":
         raise NonFiniteError(
             f"{bad} NaN/Inf value(s) in output tensor {name!r}",
-            hint="check the inputs (stream-tv inspect), or pass --on-nonfinite warn to write them anyway",
+            hint="check the inputs (stream-tv inspect), or pass --on-nonfinite warn to write "
+            "them anyway",
         )
     stats.nonfinite[name] = stats.nonfinite.get(name, 0) + bad
 
@@ -482,6 +552,6 @@ def _progress_bar(enabled: bool, total: int, tensors: int, description: str):
     )
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (a flat ``memoryview``)."""
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -82,3 +82,24 @@ class Interrupted(StreamTVError):
     """The run was interrupted (Ctrl-C); completed shards are kept for resume."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class InternalError(AssertionError):
+    """An invariant of stream_tv itself does not hold: a bug, never the user's input.
+
+    Deliberately not a :class:`StreamTVError`: the CLI reports it as an internal error
+    (exit 1, traceback with ``--debug``), not as bad input (exit 2).
+    """
+
+
+def invariant(condition: object, message: str) -> None:
+    """Raise :class:`InternalError` unless ``condition`` holds.
+
+    >>> invariant(1 + 1 == 2, "arithmetic")
+    >>> invariant(False, "rows out of order")
+    Traceback (most recent call last):
+    ...
+    stream_tv.errors.InternalError: rows out of order
+    """
+    if not condition:
+        raise InternalError(message)

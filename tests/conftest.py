@@ -16,15 +16,22 @@ Generic on purpose, for every test module:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
+
+# CI runs the same examples every time (a red build must be reproducible); locally,
+# hypothesis keeps exploring new ones. `.ci/run` sets HYPOTHESIS_PROFILE=ci.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def save_checkpoint(

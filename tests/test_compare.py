@@ -37,11 +37,13 @@ pytest.importorskip("transformers")
 
 import peft_fixtures as pf  # noqa: E402
 
-from stream_tv.api import RunOptions  # noqa: E402
+from stream_tv import (
+    RunOptions,  # noqa: E402
+    compare,  # noqa: E402
+)
 from stream_tv.cli import cli  # noqa: E402
-from stream_tv.compare import compare  # noqa: E402
 from stream_tv.engine import row_ranges  # noqa: E402
-from stream_tv.lora.adapter import TensorMerge  # noqa: E402
+from stream_tv.lora.runtime import OpenMerge  # noqa: E402
 from stream_tv.report import CompareReport  # noqa: E402
 from stream_tv.stats import CATEGORIES, TensorAccumulator  # noqa: E402
 
@@ -796,18 +798,18 @@ def test_chunks_stay_within_the_budget(case, chunk_rows, monkeypatch):
     built = case("llama-fp32-embedding-dora")  # a 300-row Embedding DoRA: two passes
     budget = 16 * 1024
     products: list[tuple[str, int]] = []
-    original_delta, original_prepass = TensorMerge.delta_rows, TensorMerge.prepass
+    original_delta, original_prepass = OpenMerge.delta_rows, OpenMerge.prepass
 
     def delta_rows(self, start, stop, **kw):
-        products.append((self.key, stop - start))
+        products.append((self.tm.key, stop - start))
         return original_delta(self, start, stop, **kw)
 
     def prepass(self, w_rows, start, stop, **kw):
-        products.append((self.key, stop - start))
+        products.append((self.tm.key, stop - start))
         return original_prepass(self, w_rows, start, stop, **kw)
 
-    monkeypatch.setattr(TensorMerge, "delta_rows", delta_rows)
-    monkeypatch.setattr(TensorMerge, "prepass", prepass)
+    monkeypatch.setattr(OpenMerge, "delta_rows", delta_rows)
+    monkeypatch.setattr(OpenMerge, "prepass", prepass)
     report = compare(
         base=built.base, finetuned=built.merged, adapter=built.adapter, options=opts(budget)
     )

@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stream_tv import compare, extract_task_vector, merge_lora
-from stream_tv.api import RunOptions, apply_task_vectors
+from stream_tv import RunOptions, apply_task_vectors, compare, extract_task_vector, merge_lora
 from stream_tv.synthetic import llama_config, write_adapter, write_base
 
 pytestmark = [

@@ -3,6 +3,8 @@ propagation, and the per-chunk maths."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import load_tensors
@@ -97,7 +99,7 @@ def test_engine_streams_row_chunks_in_order(tmp_path, shard, chunk_bytes):
     plan = OutputPlan.build([t.out for t in tasks], 600)
     writer = ShardWriter(tmp_path / "out", plan, plan.fingerprint())
     writer.begin()
-    stats = engine.run(tasks, device=CPU, chunk_bytes=chunk_bytes, writer=writer, progress=False)
+    stats = engine.run(tasks, device=CPU, chunk_bytes=chunk_bytes, sink=writer, progress=False)
     writer.finish({})
     got = load_tensors(tmp_path / "out")
     for name, t in tensors.items():
@@ -122,21 +124,63 @@ def test_engine_passes_finish_and_start(shard):
     spec = specs["big"]
 
     def compute(chunk):
+        assert chunk.state == "opened on cpu"
         calls.append((chunk.pass_index, chunk.start, chunk.stop, chunk.out is None))
         return None
 
+    @contextlib.contextmanager
+    def session(device):
+        calls.append(("start", device.type))
+        yield f"opened on {device.type}"
+        calls.append(("end",))
+
     task = engine.Task(
-        "stat",
-        [spec],
-        compute,
-        passes=2,
-        finish=lambda: "done",
-        start=lambda device: calls.append(("start", device.type)),
+        "stat", [spec], compute, passes=2, finish=lambda: "done", session=session
     )
     stats = engine.run([task], device=CPU, chunk_bytes=96, progress=False)
     ranges = engine.row_ranges(37, 2, 2)
-    assert calls == [("start", "cpu")] + [(p, a, b, True) for p in (0, 1) for a, b in ranges]
+    chunks = [(p, a, b, True) for p in (0, 1) for a, b in ranges]
+    assert calls == [("start", "cpu"), *chunks, ("end",)]
     assert stats.results == {"stat": "done"} and stats.bytes_read == 2 * spec.nbytes
+
+
+def test_engine_error_closes_the_session_and_restores_threads(shard):
+    """A task that fails mid-way still has its session closed (no factors left loaded), and
+    torch's thread count, lowered for the run, is restored."""
+    _, specs = shard
+    events = []
+
+    @contextlib.contextmanager
+    def session(device):
+        events.append("open")
+        try:
+            yield None
+        finally:
+            events.append("closed")
+
+    def compute(chunk):
+        if chunk.start >= 4:
+            raise MismatchError("tensor 'big' is wrong", where="here")
+
+    threads = torch.get_num_threads()
+    task = engine.Task("big", [specs["big"]], compute, session=session)
+    with pytest.raises(MismatchError, match="'big' is wrong"):
+        engine.run([task], device=CPU, chunk_bytes=96, progress=False)
+    assert events == ["open", "closed"]
+    assert torch.get_num_threads() == threads
+
+
+def test_engine_empty_tensor_with_a_huge_dimension_is_one_step(tmp_path):
+    """[2**62, 0] holds no bytes: one empty step, not 2**62 / chunk ranges."""
+    from stream_tv.io.index import TensorSpec
+
+    path = tmp_path / "e.safetensors"
+    path.write_bytes(b"")
+    spec = TensorSpec("e", torch.float32, (2**62, 0), path, 0, 0)
+    seen = []
+    task = engine.Task("e", [spec], lambda c: seen.append((c.start, c.stop)))
+    engine.run([task], device=CPU, chunk_bytes=64, progress=False)
+    assert seen == [(0, 2**62)]
 
 
 def test_engine_error_propagates_and_leaves_nothing_finished(tmp_path, shard):
@@ -154,7 +198,7 @@ def test_engine_error_propagates_and_leaves_nothing_finished(tmp_path, shard):
     writer = ShardWriter(tmp_path / "out", plan, plan.fingerprint())
     writer.begin()
     with pytest.raises(MismatchError, match="'big' is wrong"):
-        engine.run(tasks, device=CPU, chunk_bytes=64, writer=writer, progress=False)
+        engine.run(tasks, device=CPU, chunk_bytes=64, sink=writer, progress=False)
     assert not (tmp_path / "out" / INDEX_NAME).exists()
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
@@ -177,7 +221,7 @@ def test_engine_nonfinite_modes(tmp_path, shard, mode):
     writer = ShardWriter(tmp_path / "out", plan, plan.fingerprint())
     writer.begin()
     run = lambda: engine.run(  # noqa: E731
-        tasks, device=CPU, chunk_bytes=200, writer=writer, progress=False, on_nonfinite=mode
+        tasks, device=CPU, chunk_bytes=200, sink=writer, progress=False, on_nonfinite=mode
     )
     if mode == "error":
         with pytest.raises(NonFiniteError, match="'big'"):
@@ -198,7 +242,12 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):
             engine.resolve_device("cuda:0")
-    assert 16 * 2**20 <= engine.default_chunk_bytes() <= 256 * 2**20
+    lo, hi = engine.DEFAULT_CHUNK_MIN, engine.DEFAULT_CHUNK_MAX
+    assert (lo, hi) == (8 * 2**20, 64 * 2**20)
+    assert lo <= engine.default_chunk_bytes() <= hi
+    assert engine.default_chunk_bytes(available=2**40) == hi  # a big machine: the cap
+    assert engine.default_chunk_bytes(available=2**20) == lo  # a small one: the floor
+    assert engine.default_chunk_bytes(available=32 * 20 * 2**20) == 20 * 2**20  # 1/32
 
 
 # ---- ops ---------------------------------------------------------------------------------

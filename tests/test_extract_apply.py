@@ -23,8 +23,7 @@ from conftest import load_tensors, save_checkpoint, tiny_state
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from stream_tv import ops
-from stream_tv.api import RunOptions, apply_task_vectors, extract_task_vector
+from stream_tv import RunOptions, apply_task_vectors, extract_task_vector, ops
 from stream_tv.errors import MismatchError
 
 F64 = torch.float64

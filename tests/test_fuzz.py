@@ -23,10 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from stream_tv.api import RunOptions, apply_task_vectors, extract_task_vector
+from stream_tv import RunOptions, apply_task_vectors, extract_task_vector, verify_output
 from stream_tv.errors import StreamTVError
 from stream_tv.io.index import DTYPES, load_checkpoint, read_header
-from stream_tv.verify import verify_output
 
 FAST = settings(
     max_examples=300,
@@ -147,7 +146,7 @@ def test_random_index_files(weight_map, metadata, top):
             index.write_bytes(b"\xff{" + json.dumps(weight_map).encode()[:10])
         only_our_errors(load_checkpoint, root)
         only_our_errors(load_checkpoint, index)
-        result = only_our_errors(verify_output, root, device="cpu")
+        result = only_our_errors(verify_output, root, options=RunOptions(device="cpu", progress=False))
         if result is not None and top != "ok":
             assert not result.ok
 
@@ -334,5 +333,8 @@ def test_extract_and_apply_match_float64(pair, chunk, chunk2, shard, scales):
             assert got[n].dtype == base[n].dtype and got[n].shape == base[n].shape
             assert torch.all((got[n].double() - ref).abs() <= bound), n
         assert verify_output(
-            root / "out", base=root / "in" / "base.safetensors", task_vectors=tvs, device="cpu"
+            root / "out",
+            base=root / "in" / "base.safetensors",
+            task_vectors=tvs,
+            options=RunOptions(device="cpu", progress=False),
         ).ok

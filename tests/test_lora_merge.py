@@ -58,16 +58,15 @@ def ranges(rows: int, chunk: int | None):
 
 
 def merge_tensor(tm: TensorMerge, src: torch.Tensor, chunk, precision="exact-peft") -> torch.Tensor:
-    tm.load("cpu")
     rng = ranges(tm.rows, chunk)
-    if tm.passes == 2:
-        for s, e in rng:
-            tm.prepass(src[s:e], s, e, precision=precision)
     res = torch.empty(tm.shape, dtype=tm.dtype)
-    for s, e in rng:
-        got = tm.merge_rows(src[s:e], s, e, res[s:e], precision=precision)
-        assert got.data_ptr() == res[s:e].data_ptr()
-    tm.unload()
+    with tm.open("cpu") as rt:
+        if tm.passes == 2:
+            for s, e in rng:
+                rt.prepass(src[s:e], s, e, precision=precision)
+        for s, e in rng:
+            got = rt.merge_rows(src[s:e], s, e, res[s:e], precision=precision)
+            assert got.data_ptr() == res[s:e].data_ptr()
     return res
 
 
@@ -160,7 +159,6 @@ def test_delta_rows_float32_is_peft_delta_and_float64_is_reference(build):
     reference = pf.read_tensors(b.merged)
     factors = pf.read_tensors(b.adapter)
     for key, tm in plan.merges.items():
-        tm.load("cpu")
         (step,) = tm.steps
         m = step.module
         A = factors[m.keys["A"]].double()
@@ -168,13 +166,15 @@ def test_delta_rows_float32_is_peft_delta_and_float64_is_reference(build):
         d64 = (B @ A) * m.scaling
         if m.fan_in_fan_out:
             d64 = d64.T
-        got64 = torch.cat([tm.delta_rows(s, e, dtype=torch.float64) for s, e in ranges(tm.rows, 3)])
+        with tm.open("cpu") as rt:
+            got64 = torch.cat(
+                [rt.delta_rows(s, e, dtype=torch.float64) for s, e in ranges(tm.rows, 3)]
+            )
+            got32 = torch.cat([rt.delta_rows(s, e) for s, e in ranges(tm.rows, 2)])
         assert got64.dtype == torch.float64
         assert torch.allclose(got64, d64, rtol=1e-12, atol=1e-15), key
-        got32 = torch.cat([tm.delta_rows(s, e) for s, e in ranges(tm.rows, 2)])
         w = read(tm.spec)
         assert torch.equal(D.add_rounding_once(w, got32, torch.empty_like(w)), reference[key]), key
-        tm.unload()
 
 
 @pytest.mark.parametrize(
@@ -190,16 +190,17 @@ def test_dora_delta_rows_against_float64_formula(build, name):
         m = step.module
         assert tm.needs_base
         w = read(tm.spec)
-        tm.load("cpu")
         rng = ranges(tm.rows, 7)
-        if tm.passes == 2:
-            with pytest.raises(RuntimeError, match="prepass"):
-                tm.delta_rows(0, 2, w_rows=w[0:2])
-            for s, e in rng:
-                tm.prepass(w[s:e], s, e)
-        got = torch.cat([tm.delta_rows(s, e, w_rows=w[s:e], dtype=torch.float64) for s, e in rng])
-        got32 = torch.cat([tm.delta_rows(s, e, w_rows=w[s:e]) for s, e in rng])
-        tm.unload()
+        with tm.open("cpu") as rt:
+            if tm.passes == 2:
+                with pytest.raises(RuntimeError, match="prepass"):
+                    rt.delta_rows(0, 2, w_rows=w[0:2])
+                for s, e in rng:
+                    rt.prepass(w[s:e], s, e)
+            got = torch.cat(
+                [rt.delta_rows(s, e, w_rows=w[s:e], dtype=torch.float64) for s, e in rng]
+            )
+            got32 = torch.cat([rt.delta_rows(s, e, w_rows=w[s:e]) for s, e in rng])
         A = factors[m.keys["A"]].double()
         B = factors[m.keys["B"]].double()
         mag = factors[m.keys["magnitude"]].double()
@@ -223,10 +224,9 @@ def test_delta_without_base_plan(build):
     assert tm.shape == (48, 144) and tm.dtype == torch.float32  # Conv1D layout from fan_in_fan_out
     assert tm.merge_inputs == [] and not tm.needs_base
     with_base = Adapter.load(b.adapter).bind(load_checkpoint(b.base))
-    tm.load("cpu")
     tb = with_base.merges["transformer.h.0.attn.c_attn.weight"]
-    tb.load("cpu")
-    assert torch.equal(tm.delta_rows(0, 48), tb.delta_rows(0, 48))
+    with tm.open("cpu") as rt, tb.open("cpu") as rb:
+        assert torch.equal(rt.delta_rows(0, 48), rb.delta_rows(0, 48))
     dora = build("llama-fp32-dora")
     with pytest.raises(AdapterError, match="DoRA.*depends on the base"):
         Adapter.load(dora.adapter).bind(None)
@@ -255,12 +255,11 @@ def test_fp32_precision_rounds_once(build, name):
     exact = merge_tensor(tm, w, 7)
     once = merge_tensor(tm, w, 7, precision="fp32")
     assert torch.equal(exact, pf.read_tensors(b.merged)["model.embed_tokens.weight"])
-    tm.load("cpu")
-    if tm.passes == 2:
-        for s, e in ranges(tm.rows, 50):
-            tm.prepass(w[s:e], s, e)
-    d32 = tm.delta_rows(0, tm.rows, w_rows=w)
-    tm.unload()
+    with tm.open("cpu") as rt:
+        if tm.passes == 2:
+            for s, e in ranges(tm.rows, 50):
+                rt.prepass(w[s:e], s, e)
+        d32 = rt.delta_rows(0, tm.rows, w_rows=w)
     if not tm.steps[0].dora:
         assert torch.equal(once, (w.float() + d32).to(w.dtype))
         assert not torch.equal(once, exact)
@@ -400,12 +399,10 @@ def test_bind_reads_only_headers_and_load_is_lazy(build, monkeypatch):
     plan = Adapter.load(b.adapter).bind(load_checkpoint(b.base))
     assert opened == []
     tm = next(iter(plan))
-    tm.load("cpu")
-    tm.load("cpu")
-    assert len(opened) == 1
-    assert all(s.t["A"].dtype == torch.float32 for s in tm.steps)
-    tm.unload()
-    assert all(not s.t for s in tm.steps)
+    with tm.open("cpu") as rt:
+        assert len(opened) == 1
+        assert all(f["A"].dtype == torch.float32 for f in rt.factors)
+    assert rt.factors == []
 
 
 def test_adapter_summary_fields(build):

@@ -264,7 +264,6 @@ def test_precision_name_checked(tmp_path, base):
     with pytest.raises(ValueError, match="precision"):
         plan.check("bf16")
     tm = next(iter(plan))
-    tm.load("cpu")
     w = torch.randn(8, 6)
-    with pytest.raises(ValueError, match="precision"):
-        tm.merge_rows(w, 0, 8, torch.empty_like(w), precision="fast")
+    with tm.open("cpu") as rt, pytest.raises(ValueError, match="precision"):
+        rt.merge_rows(w, 0, 8, torch.empty_like(w), precision="fast")

@@ -241,7 +241,7 @@ def test_check_output_location(tmp_path):
 def test_fsync_flushes_every_shard_only_when_asked(tmp_path, monkeypatch, durable):
     import os
 
-    from stream_tv.api import RunOptions, extract_task_vector
+    from stream_tv import RunOptions, extract_task_vector
 
     base, ft = tmp_path / "base", tmp_path / "ft"
     for d, shift in ((base, 0.0), (ft, 0.5)):

@@ -23,12 +23,12 @@ import shutil
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import torch
 
 from ..errors import DiskError, OutputError
+from ..units import format_size, parse_size  # noqa: F401  (re-exported: the writer's sizes)
 from .index import INDEX_NAME, dtype_name
 
 STATE_DIR = ".stream-tv"
@@ -41,51 +41,6 @@ WRITEBACK_STEP = 64 * 2**20  # bytes between write-back requests (see ShardWrite
 _FADVISE = getattr(os, "POSIX_FADV_DONTNEED", 0) if hasattr(os, "posix_fadvise") else 0
 WRITE_PIECE = 256 * 1024  # bytes per write() call; see benchmarks/RESULTS.md ("Writer")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-    "K": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000 (decimal, as Hugging Face counts), ``"64MiB"`` -> 67108864.
-
-    >>> parse_size("256MB"), parse_size("1.5GiB"), parse_size(1024)
-    (256000000, 1610612736, 1024)
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-        if not m or m.group(2).upper() not in _UNITS:
-            raise ValueError(f"cannot read size {text!r}; write e.g. 64MB, 5GB or 1GiB")
-        # Fraction, not float: "0.29GB" is 290000000 bytes, not 289999999.
-        value = int(Fraction(m.group(1)) * _UNITS[m.group(2).upper()])
-    if value <= 0:
-        raise ValueError(f"size {text!r} must be positive")
-    return value
-
-
-def format_size(n: float) -> str:
-    """``format_size(1_500_000_000) == '1.50 GB'``."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError  # pragma: no cover
-
 
 def plan_shards(items: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
     """Group ``(name, nbytes)`` in order into shards of at most ``max_shard_size`` bytes.
@@ -323,7 +278,7 @@ class ShardWriter:
             i = int(key)
             layout = self.plan.shards[i]
             path = self.out / layout.name
-            if path.is_file() and path.stat().st_size == layout.size and _file_crc(path) == crc:
+            if path.is_file() and path.stat().st_size == layout.size and file_crc(path) == crc:
                 with open(path, "rb") as f:
                     if f.read(len(layout.header)) == layout.header:
                         done[i] = crc
@@ -509,7 +464,7 @@ def _read_state(path: Path) -> dict | None:
     return state if isinstance(state, dict) else None
 
 
-def _file_crc(path: Path) -> int:
+def file_crc(path: Path) -> int:
     """crc32 of a whole file, read in 8 MiB blocks."""
     crc = 0
     with open(path, "rb") as f:

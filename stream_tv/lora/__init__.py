@@ -1,4 +1,10 @@
-"""PEFT LoRA adapters: config, key mapping, per-layer maths, and merge plans.
+"""PEFT LoRA adapters: on disk, bound to a base, planned, and opened to stream rows.
+
+- :mod:`.adapter`: an adapter on disk (config + weights header): :class:`Adapter`;
+- :mod:`.bind`: adapter + base headers -> :class:`MergePlan`, checked before any data;
+- :mod:`.plan`: the immutable plan: per base tensor a :class:`TensorMerge` of steps;
+- :mod:`.runtime`: ``TensorMerge.open(device)``: loaded factors, DoRA state, row maths;
+- :mod:`.delta`, :mod:`.keys`, :mod:`.config`: per-layer maths, key mapping, config rules.
 
 Example (not run here)::
 
@@ -6,17 +12,10 @@ Example (not run here)::
     plan = Adapter.load("my-adapter").bind(open_checkpoint("my-base"))
 """
 
-from .adapter import (
-    ADAPTER_PATTERNS,
-    PRECISIONS,
-    Adapter,
-    LoraModule,
-    MergePlan,
-    SavedTensor,
-    Step,
-    TensorMerge,
-)
+from .adapter import ADAPTER_PATTERNS, Adapter, LoraModule, SavedTensor
 from .config import AdapterConfig, load_config, parse_config
+from .plan import PRECISIONS, MergePlan, Step, TensorMerge
+from .runtime import OpenMerge
 
 __all__ = [
     "ADAPTER_PATTERNS",
@@ -25,6 +24,7 @@ __all__ = [
     "AdapterConfig",
     "LoraModule",
     "MergePlan",
+    "OpenMerge",
     "SavedTensor",
     "Step",
     "TensorMerge",

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .api import ExtractResult, RunOptions, extract_task_vector
+from ..errors import OutputError
+from ..options import RunOptions
+from ..report import CompareReport
+from ..synthetic import llama_config, write_adapter, write_base
 from .compare import compare
-from .errors import OutputError
+from .extract import ExtractResult, extract_task_vector
 from .merge import MergeResult, merge_lora
-from .report import CompareReport
-from .synthetic import llama_config, write_adapter, write_base
 
 
 @dataclass

@@ -1,0 +1,16 @@
+"""``stream-tv``: the command line. Parses options, calls the API, prints; no maths here.
+
+Errors raised by the library become one line on stderr and an exit code (see the README's
+"Exit codes"); a traceback appears only for a bug, and only with ``--debug``. Importing
+this package imports no torch: ``--help`` is instant, each command imports what it runs.
+
+- :mod:`.base`: the ``stream-tv`` group, error handling, the shared option bundles;
+- :mod:`.write`: the commands that write a checkpoint (``extract``, ``apply``, ``merge``, ...)
+  and ``inspect``;
+- :mod:`.analyse`: ``compare``, ``verify``, ``demo``.
+"""
+
+from . import analyse, write  # noqa: F401  (each module registers its commands)
+from .base import cli, main
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,209 @@
+"""``compare``, ``verify`` and ``demo``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..options import RunOptions
+from .base import cli, echo_write_result, run_options
+
+
+@cli.command()
+@click.option("--base", help="Base model (T = finetuned - base; DoRA adapters need it).")
+@click.option("--finetuned", help="Fine-tuned or merged model.")
+@click.option("--adapter", help="PEFT LoRA adapter whose delta L is compared with T.")
+@click.option(
+    "--task-vector",
+    "task_vectors",
+    multiple=True,
+    help="A task vector written by `extract`, instead of --finetuned; twice to compare two.",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the JSON report here."
+)
+@click.option(
+    "--markdown", "md_path", type=click.Path(dir_okay=False), help="Write a Markdown report here."
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Write a PNG plot here (needs matplotlib).",
+)
+@click.option("--worst", default=5, show_default=True, help="Worst tensors listed in the terminal.")
+@click.option("--allow-missing", is_flag=True, help="Skip tensors present in only one model.")
+@run_options("compare", writes=False, nonfinite=False)
+def compare(
+    base: str | None,
+    finetuned: str | None,
+    adapter: str | None,
+    task_vectors: tuple[str, ...],
+    json_path: str | None,
+    md_path: str | None,
+    plot_path: str | None,
+    worst: int,
+    allow_missing: bool,
+    options: RunOptions,
+) -> None:
+    """Compare a LoRA delta (scaling * B @ A) with the task vector of the model it produced.
+
+    Per tensor: cosine, max/mean |L - T|, relative error, norms, and how much of the
+    difference the finetuned dtype's rounding explains; plus coverage: what the adapter
+    covers, what changed outside it, what changed only by dtype rounding.
+
+    \b
+    Examples:
+      stream-tv compare --base ./base --finetuned ./merged --adapter ./lora --json r.json
+      stream-tv compare --task-vector ./tv --adapter ./lora --markdown r.md
+      stream-tv compare --task-vector ./tv_a --task-vector ./tv_b
+    """
+    from pathlib import Path
+
+    from ..commands.compare import compare as do_compare
+    from ..errors import OutputError
+
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError(
+                "--plot needs matplotlib: pip install 'stream-tv[plot]'"
+            ) from None
+    # Refuse a report path that cannot be written before streaming the models, not after.
+    for flag, path in (("--json", json_path), ("--markdown", md_path), ("--plot", plot_path)):
+        if path is not None and not Path(path).absolute().parent.is_dir():
+            raise OutputError(
+                f"{flag} {path}: the directory {Path(path).absolute().parent} does not exist"
+            )
+    report = do_compare(
+        base=base,
+        finetuned=finetuned,
+        adapter=adapter,
+        task_vectors=task_vectors,
+        allow_missing=allow_missing,
+        options=options,
+    )
+    click.echo(report.render_terminal(worst=worst))
+    writers = (
+        (json_path, lambda p: Path(p).write_text(report.to_json())),
+        (md_path, lambda p: Path(p).write_text(report.to_markdown())),
+        (plot_path, report.plot),
+    )
+    for path, write in writers:
+        if path:
+            try:
+                write(path)
+            except OSError as e:
+                raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+            click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("out")
+@click.option("--base", help="Recompute from this base (extract, apply, merge outputs).")
+@click.option("--finetuned", help="Recompute an extract output from BASE and this model.")
+@click.option(
+    "--task-vector",
+    "task_vectors",
+    multiple=True,
+    metavar="TV",
+    help="Recompute an apply output from BASE and these task vectors (in order; the "
+    "scales are read from the output's index).",
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="Recompute a merge output from BASE and this LoRA adapter (repeat, in order, for "
+    "several), or a lora-delta output from it.",
+)
+@click.option(
+    "--atol",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Largest accepted |output - recomputation| (0: the bytes must be identical).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@run_options("verify", writes=False, nonfinite=False)
+def verify(
+    out: str,
+    base: str | None,
+    finetuned: str | None,
+    task_vectors: tuple[str, ...],
+    adapters: tuple[str, ...],
+    atol: float,
+    as_json: bool,
+    options: RunOptions,
+) -> None:
+    """Check that OUT is a finished, sound checkpoint; with its inputs, recompute it.
+
+    Checks that the index and the shards agree (files, headers, tensors, total_size), the
+    crc32 of every shard against the one recorded when it was written, and that no tensor
+    holds NaN/Inf; with inputs, recomputes every tensor in one streaming pass and lists the
+    ones that differ. Exit code 0 when sound, 3 with the list of problems otherwise.
+
+    \b
+    Examples:
+      stream-tv verify ./tv
+      stream-tv verify ./tv --base ./base --finetuned ./my-finetune
+      stream-tv verify ./mix --base ./base --task-vector ./tv_a --task-vector ./tv_b
+    """
+    from dataclasses import replace
+
+    from ..commands.verify import verify_output
+    from ..errors import VerificationError
+
+    result = verify_output(
+        out,
+        base=base,
+        finetuned=finetuned,
+        task_vectors=task_vectors,
+        adapters=adapters,
+        atol=atol,
+        options=replace(options, progress=options.progress and not as_json),
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    elif result.ok:
+        click.echo(result.summary())
+    if not result.ok:
+        for problem in result.problems:
+            click.echo(f"  - {problem}", err=True)
+        raise VerificationError(
+            f"verification failed: {len(result.problems)} problem(s), listed above", where=out
+        )
+
+
+@cli.command()
+@click.argument("directory", default="stream-tv-demo")
+@click.option("--overwrite", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def demo(directory: str, overwrite: bool, quiet: bool) -> None:
+    """Make a small example and run the main job on it.
+
+    Writes a Llama-shaped bf16 base model (4 layers, several shards) and a LoRA adapter
+    into DIRECTORY, merges the adapter (PEFT-exact), extracts the task vector of the merged
+    model, and compares the adapter's delta with it (report.json, report.md).
+
+    \b
+    Example:
+      stream-tv demo ./stream-tv-demo
+    """
+    from ..commands.demo import run_demo
+
+    result = run_demo(directory, overwrite=overwrite, options=RunOptions(progress=not quiet))
+    root = result.directory
+    click.echo(f"base model and LoRA adapter: {root / 'base'}, {root / 'adapter'}")
+    echo_write_result(result.merge, "merged model")
+    echo_write_result(result.extract, f"task vector ({result.extract.dtype})")
+    click.echo("")
+    click.echo(result.report.render_terminal())
+    click.echo(f"\nreports: {root / 'report.json'}, {root / 'report.md'}")
+    click.echo(
+        "next: stream-tv inspect "
+        f"{root / 'merged'}; stream-tv verify {root / 'merged'} --base {root / 'base'} "
+        f"--adapter {root / 'adapter'}"
+    )

@@ -1,0 +1,288 @@
+"""``merge`` and ``lora-delta``: a LoRA adapter merged into its base, or written as a delta.
+
+The planners bind the adapter(s) to the base from headers (:mod:`stream_tv.lora.bind`) and
+make one task per output tensor that streams rows through the tensor's
+:class:`~stream_tv.lora.plan.TensorMerge`, opened on the device for the task's chunks.
+
+Example (not run here)::
+
+    import stream_tv
+    r = stream_tv.merge_lora("base/", "adapter/", "merged/")
+    r.merged, r.replaced, r.output
+
+Several adapters: ``merge_lora(base, [a, b], out, weights=[0.7, 0.3])``. A weight multiplies
+an adapter's scaling, like PEFT's ``set_scale``. ``precision="exact-peft"`` (default) applies
+the adapters one after the other with a rounding to the weight dtype after each, as PEFT's
+``merge_and_unload()`` does with several active adapters; ``precision="fp32"`` keeps the sum
+in float32 and rounds once: better for bf16/fp16 models when several adapters, an Embedding
+LoRA (PEFT rounds its delta to the weight dtype before adding it) or a tied head (two
+layers add into one tensor) are merged, and identical to PEFT otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import engine, ops, validate
+from ..errors import InputError
+from ..io.index import Checkpoint, TensorSpec, dtype_name
+from ..io.writer import OutTensor
+from ..jobs import Job, Outcome, Output, WriteResult, input_paths, run_job, written
+from ..lora import PRECISIONS, Adapter, MergePlan, TensorMerge
+from ..lora.config import CONFIG_NAME
+from ..options import RunOptions
+from ..refs import open_checkpoint
+from .apply import apply_task
+
+AdapterRef = str | os.PathLike
+
+
+# ---- merge ------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeResult(WriteResult):
+    adapters: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    precision: str = "exact-peft"
+    merged: list[str] = field(default_factory=list)  # base tensors LoRA layers change
+    replaced: list[str] = field(default_factory=list)  # replaced by tensors saved in the adapter
+    untouched: int = 0  # base tensors copied unchanged
+    lora_modules: int = 0
+
+
+def merge_lora(
+    base: str | os.PathLike,
+    adapters: AdapterRef | Sequence[AdapterRef],
+    out: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    precision: str = "exact-peft",
+    options: RunOptions | None = None,
+) -> MergeResult:
+    """Write ``base`` with the LoRA adapter(s) merged in, as PEFT's ``merge_and_unload()``.
+
+    With ``precision="exact-peft"`` the merged weights are PEFT's bit for bit on CPU (PEFT
+    loads the adapter onto the base, merges, and ``save_pretrained`` writes it). The output is
+    a model directory: shards, index, and the base's config and tokenizer files. Everything is
+    checked from headers before the first byte is written.
+    """
+    b = open_checkpoint(base)
+    loaded = [Adapter.load(r) for r in _adapter_list(adapters)]
+    job = plan_merge(b, loaded, Path(out), weights=weights, precision=precision)
+    return run_job(job, options or RunOptions())
+
+
+def plan_merge(
+    b: Checkpoint,
+    adapters: Sequence[Adapter],
+    out: Path,
+    *,
+    weights: Sequence[float] | None = None,
+    precision: str = "exact-peft",
+) -> Job[MergeResult]:
+    """The job writing ``b`` with ``adapters`` merged in."""
+    if precision not in PRECISIONS:
+        raise InputError(
+            f"unknown precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}"
+        )
+    if not adapters:
+        raise InputError("no adapter given", hint="stream-tv merge BASE ADAPTER -o OUT")
+    weights = validate.broadcast(weights, len(adapters), "weight", "adapter")
+    plan = bind_all(adapters, weights, b)
+    plan.check(precision)
+    tasks = [
+        merge_task(plan.merges[name], precision)
+        if name in plan.merges
+        else apply_task(name, spec, [], spec.dtype)
+        for name, spec in b.tensors.items()
+    ]
+    provenance: dict[str, object] = {
+        "base": b.reference,
+        "adapters": [a.reference for a in adapters],
+        "weights": weights,
+        "precision": precision,
+    }
+
+    def result(outcome: Outcome) -> MergeResult:
+        return MergeResult(
+            **written(outcome),
+            adapters=[a.reference for a in adapters],
+            weights=weights,
+            precision=precision,
+            merged=[k for k, t in plan.merges.items() if t.steps],
+            replaced=[k for k, t in plan.merges.items() if t.replacement is not None],
+            untouched=len(plan.untouched),
+            lora_modules=len(plan.modules),
+        )
+
+    inputs = [*input_paths(b), *adapter_paths(adapters)]
+    return Job(
+        "merge",
+        tasks,
+        result,
+        output=Output(out, "merge", provenance, inputs, side_files_from=b.root),
+    )
+
+
+def merge_task(tm: TensorMerge, precision: str) -> engine.Task:
+    """The task writing one merged tensor (a DoRA prepass first when it needs one)."""
+    passes = tm.passes
+
+    def compute(chunk: engine.Chunk) -> torch.Tensor | None:
+        w, rt = chunk.inputs[0], chunk.state
+        if chunk.pass_index < passes - 1:
+            rt.prepass(w, chunk.start, chunk.stop, precision=precision)
+            return None
+        return rt.merge_rows(w, chunk.start, chunk.stop, chunk.out, precision=precision)
+
+    # float32 temporaries per row: the delta, the running weight and W + D (DoRA).
+    temporaries = 3 if any(s.dora for s in tm.steps) or len(tm.steps) > 1 else 2
+    return engine.Task(
+        tm.key,
+        tm.merge_inputs,
+        compute,
+        out=OutTensor(tm.key, tm.dtype, tm.shape),
+        passes=passes,
+        work_row_bytes=math.prod(tm.shape[1:]) * 4 * temporaries,
+        session=tm.open,
+    )
+
+
+# ---- lora-delta -----------------------------------------------------------------------------
+
+
+@dataclass
+class LoraDeltaResult(WriteResult):
+    adapter: str = ""
+    base: str | None = None
+    dtype: str = "F32"
+    replaced: list[str] = field(default_factory=list)
+
+
+def lora_delta(
+    adapter: AdapterRef,
+    out: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    weight: float = 1.0,
+    options: RunOptions | None = None,
+) -> LoraDeltaResult:
+    """Write the adapter's effective delta as a task vector, under the base's tensor names.
+
+    Only the tensors the adapter changes are written (``apply`` counts a missing tensor as
+    zero). Without ``base``: ``scaling * B @ A`` (transposed to the stored layout, from the
+    adapter's ``fan_in_fan_out``), names ``<module>.weight``. With ``base``: base names (a
+    tied head lands on the input embedding, summed with its own delta), and the deltas that
+    need the base: DoRA (``m / ||W + D|| * (W + D) - W``) and full tensors saved in the
+    adapter (``saved - base``). float32 (default) gives PEFT's own delta bits for plain LoRA;
+    float64 computes the products in float64; bf16/fp16 round the float32 delta once.
+    """
+    ad = Adapter.load(adapter)
+    b = open_checkpoint(base) if base is not None else None
+    job = plan_lora_delta(ad, Path(out), base=b, dtype=dtype, weight=weight)
+    return run_job(job, options or RunOptions())
+
+
+def plan_lora_delta(
+    ad: Adapter,
+    out: Path,
+    *,
+    base: Checkpoint | None = None,
+    dtype: torch.dtype = torch.float32,
+    weight: float = 1.0,
+) -> Job[LoraDeltaResult]:
+    """The job writing ``ad``'s delta (under ``base``'s names when given)."""
+    if not dtype.is_floating_point:
+        raise InputError(f"--dtype must be a float type, not {dtype}")
+    plan = bind_all([ad], [weight], base)
+    tasks = [delta_task(tm, dtype) for tm in plan.merges.values()]
+    provenance: dict[str, object] = {
+        "adapter": ad.reference,
+        "base": base.reference if base is not None else "",
+        "weight": weight,
+        "dtype": dtype_name(dtype),
+    }
+
+    def result(outcome: Outcome) -> LoraDeltaResult:
+        return LoraDeltaResult(
+            **written(outcome),
+            adapter=ad.reference,
+            base=base.reference if base is not None else None,
+            dtype=dtype_name(dtype),
+            replaced=[k for k, t in plan.merges.items() if t.replacement is not None],
+        )
+
+    inputs = [*(input_paths(base) if base is not None else []), *adapter_paths([ad])]
+    return Job("lora-delta", tasks, result, output=Output(out, "lora-delta", provenance, inputs))
+
+
+def delta_task(tm: TensorMerge, dtype: torch.dtype) -> engine.Task:
+    """The task writing one tensor's delta in ``dtype`` (``saved - base`` added for a
+    tensor the adapter replaces)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inputs: list[TensorSpec] = []
+    if tm.replacement is not None:
+        inputs = [tm.replacement, tm.spec]  # the steps apply to the replacement
+    elif tm.needs_base:
+        inputs = [tm.spec]
+    passes = tm.passes
+
+    def compute(chunk: engine.Chunk) -> torch.Tensor | None:
+        x, rt = chunk.inputs, chunk.state
+        w = x[0] if inputs else None
+        if chunk.pass_index < passes - 1:
+            rt.prepass(w, chunk.start, chunk.stop)
+            return None
+        d = rt.delta_rows(chunk.start, chunk.stop, w_rows=w, dtype=work)
+        if tm.replacement is not None:
+            replaced = w.to(tm.dtype).to(work)
+            d = d + (replaced - x[1].to(work))
+        return chunk.out.copy_(ops.round_to(d, chunk.out.dtype))
+
+    return engine.Task(
+        tm.key,
+        inputs,
+        compute,
+        out=OutTensor(tm.key, dtype, tm.shape),
+        passes=passes,
+        work_row_bytes=math.prod(tm.shape[1:]) * work.itemsize * 3,
+        session=tm.open,
+    )
+
+
+# ---- shared -----------------------------------------------------------------------------------
+
+
+def _adapter_list(adapters: AdapterRef | Sequence[AdapterRef]) -> list[AdapterRef]:
+    if isinstance(adapters, (str, os.PathLike)):
+        return [adapters]
+    refs = list(adapters)
+    if not refs:
+        raise InputError("no adapter given", hint="stream-tv merge BASE ADAPTER -o OUT")
+    return refs
+
+
+def bind_all(
+    adapters: Sequence[Adapter], weights: Sequence[float], base: Checkpoint | None
+) -> MergePlan:
+    """The plan of ``adapters`` on ``base``, each adapter's scaling times its weight."""
+    plans = [a.bind(base) for a in adapters]
+    if len(plans) == 1 and weights[0] == 1.0:
+        return plans[0]
+    return MergePlan.combine(list(zip(plans, weights, strict=True)))
+
+
+def adapter_paths(adapters: Sequence[Adapter]) -> list[Path]:
+    """The files and directory of each adapter, as ``Output.inputs`` wants them."""
+    paths: list[Path] = []
+    for a in adapters:
+        paths += [a.weights_file, a.path / CONFIG_NAME, a.path]
+    return paths

@@ -1,0 +1,296 @@
+"""The job driver: what every command plugs into, and the one place that runs the engine.
+
+A command is a *planner*: a pure function over headers (checkpoints, adapters) that
+returns a :class:`Job`, and that reads no tensor data. The job says
+
+- ``tasks``: one :class:`~stream_tv.engine.Task` per output tensor (or tensor to analyse);
+- ``checks``: tasks that write nothing and run first (e.g. integer buffers must be equal),
+  so a refusal that depends on data comes before any output file exists;
+- ``output``: where the tasks' outputs go, with the provenance recorded in the index, the
+  inputs (never written; their identity keys a resume) and the side files to copy;
+- ``command``: its name, which sets its NaN/Inf default (``options.NONFINITE_DEFAULTS``);
+- ``result``: how to turn the :class:`Outcome` into the command's result object.
+
+:func:`run_job` runs it: device and chunk budget, output location check, checks, writer
+begin (resume/overwrite), free-space check, the engine, side files, index last.
+:func:`execute` is the same with an optional sink in place of the writer, which is how
+``verify`` replays a command's own plan against an output it wrote. Adding a command means
+writing a planner (see ``stream_tv/commands/``) and a CLI entry; nothing here changes.
+
+For example (the whole of ``stream_tv.extract_task_vector``, less ``--skip-unchanged``)::
+
+    b, f = open_checkpoint("base/"), open_checkpoint("finetuned/")
+    result = run_job(plan_extract(b, f, Path("tv/")), RunOptions())
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from . import __version__, engine
+from .engine import RunStats, Sink, Task
+from .errors import DiskError, Interrupted
+from .io.index import Checkpoint
+from .io.writer import (
+    OutputPlan,
+    ShardWriter,
+    check_output_location,
+    copy_side_files,
+)
+from .options import RunOptions
+from .units import format_size
+
+R = TypeVar("R")
+
+# Files copied from the base next to a written model so transformers loads it directly.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a job writes a checkpoint, and what the index records about it."""
+
+    path: Path
+    operation: str  # recorded as metadata["operation"]; verify re-plans from it
+    provenance: dict[str, object]  # the rest of the index metadata (inputs, options)
+    inputs: Sequence[Path]  # input files and directories: never written, identity checked
+    side_files_from: Path | None = None  # config/tokenizer files copied next to the shards
+
+    @property
+    def metadata(self) -> dict[str, object]:
+        return {"stream_tv_version": __version__, "operation": self.operation, **self.provenance}
+
+
+@dataclass
+class Outcome:
+    """What running a job did, for its result builder."""
+
+    stats: RunStats  # the main run: task results, NaN/Inf counts
+    bytes_read: int  # checks and main run
+    seconds: float
+    device: torch.device
+    output: Path | None = None
+    tensors_written: int = 0  # output tensors planned (resumed ones included)
+    shards: int = 0
+    resumed_shards: int = 0
+
+
+@dataclass
+class Job(Generic[R]):
+    """A command's plan: tasks, checks, output, and how to build its result."""
+
+    command: str
+    tasks: list[Task]
+    result: Callable[[Outcome], R]
+    checks: list[Task] = field(default_factory=list)
+    output: Output | None = None
+    description: str | None = None  # progress-bar label (default: the command)
+
+
+def run_job(job: Job[R], options: RunOptions) -> R:
+    """Run a planned job and return the command's result."""
+    return job.result(execute(job, options))
+
+
+def execute(job: Job[Any], options: RunOptions, *, sink: Sink | None = None) -> Outcome:
+    """Run a job's checks and tasks; write its output, or hand the bytes to ``sink``.
+
+    With a ``sink`` (verify), nothing is written and the output location is not used.
+    """
+    t0 = time.perf_counter()
+    device = engine.resolve_device(options.device)
+    chunk = options.chunk_bytes or engine.default_chunk_bytes()
+    on_nonfinite = options.nonfinite_for(job.command)
+
+    def stream(tasks: Sequence[Task], into: Sink | None, **kw: Any) -> RunStats:
+        return engine.run(
+            tasks,
+            device=device,
+            chunk_bytes=chunk,
+            sink=into,
+            tune_malloc=options.tune_malloc,
+            **kw,
+        )
+
+    writes = job.output is not None and sink is None
+    if writes:
+        check_output(job.output.path, job.output.inputs)
+    checked = stream(job.checks, None, progress=False) if job.checks else RunStats()
+    label = job.description or job.command
+    written: dict[str, Any] = {}
+    if writes:
+        stats, written = _write(job, options, on_nonfinite, stream, label)
+    else:
+        stats = stream(
+            job.tasks, sink, progress=options.progress, description=label, on_nonfinite=on_nonfinite
+        )
+    return Outcome(
+        stats,
+        bytes_read=stats.bytes_read + checked.bytes_read,
+        seconds=time.perf_counter() - t0,
+        device=device,
+        **written,
+    )
+
+
+def check_output(path: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output location that overlaps an input (before any data is read)."""
+    check_output_location(path, inputs)
+
+
+def _write(
+    job: Job[Any], options: RunOptions, on_nonfinite: str, stream, label: str
+) -> tuple[RunStats, dict[str, Any]]:
+    out = job.output
+    assert out is not None
+    writing = [t for t in job.tasks if t.out is not None]
+    plan = OutputPlan.build([t.out for t in writing], options.shard_bytes)
+    metadata = out.metadata
+    fingerprint = plan.fingerprint(
+        repr(sorted((k, str(v)) for k, v in metadata.items() if k != "stream_tv_version"))
+        + f"\non_nonfinite={on_nonfinite}\n"
+        + _inputs_identity(out.inputs)
+    )
+    writer = ShardWriter(
+        out.path,
+        plan,
+        fingerprint,
+        overwrite=options.overwrite,
+        resume=not options.restart,
+        fsync=options.fsync,
+    )
+    writer.begin()
+    resumed = len(writer.completed)
+    try:
+        if options.space_check:
+            _check_free_space(out.path, plan, writer.completed)
+        todo = [t for t in job.tasks if t.out is None or not writer.is_complete(t.out.name)]
+        stats = stream(
+            todo, writer, progress=options.progress, description=label, on_nonfinite=on_nonfinite
+        )
+        copy_side_files(out.side_files_from, out.path, SIDE_FILES)
+        writer.finish({k: v if isinstance(v, str) else _json_value(v) for k, v in metadata.items()})
+    except Interrupted as e:
+        writer.abort()
+        raise Interrupted(
+            f"interrupted; {len(writer.completed)} of {len(plan.shards)} shard(s) "
+            "complete and kept",
+            where=str(out.path),
+            hint="rerun the same command to resume from there, or add --restart to start over",
+        ) from e
+    except BaseException:
+        writer.abort()
+        raise
+    return stats, {
+        "output": out.path,
+        "tensors_written": len(writing),
+        "shards": len(plan.shards),
+        "resumed_shards": resumed,
+    }
+
+
+def _inputs_identity(inputs: Sequence[Path]) -> str:
+    """Path, size and modification time of every input file, for the resume fingerprint: a
+    rerun whose inputs were replaced (same names, other bytes) must not resume."""
+    parts = []
+    for p in inputs:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file():
+            parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(sorted(parts))
+
+
+def _check_free_space(out: Path, plan: OutputPlan, completed: dict[int, int]) -> None:
+    """Refuse before writing when the output's file system cannot hold the shards still to
+    write (shards completed by an interrupted run are already there)."""
+    needed = sum(s.size for i, s in enumerate(plan.shards) if i not in completed)
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise DiskError(
+            f"not enough free space: the output needs {format_size(needed)}, "
+            f"the file system has {format_size(free)} free",
+            where=str(out),
+            hint="free space or choose another output directory; --no-space-check writes anyway",
+        )
+
+
+def _json_value(v: object) -> object:
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    if isinstance(v, (int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def input_paths(*ckpts: Checkpoint) -> list[Path]:
+    """The files and directories of checkpoints, as ``Output.inputs`` wants them."""
+    paths: list[Path] = []
+    for c in ckpts:
+        paths.extend(c.files)
+        single_file = (
+            c.reference.endswith(".safetensors") and Path(c.reference).expanduser().is_file()
+        )
+        if c.root is not None and not single_file:  # a file's directory is not an input
+            paths.append(c.root)
+    return paths
+
+
+# ---- what writing commands return -------------------------------------------------------------
+
+
+@dataclass
+class WriteResult:
+    """What a command that writes a checkpoint did."""
+
+    output: Path
+    tensors: int
+    shards: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    resumed_shards: int = 0
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+def written(outcome: Outcome) -> dict[str, Any]:
+    """The :class:`WriteResult` fields of an outcome, for a command's result class."""
+    assert outcome.output is not None
+    return {
+        "output": outcome.output,
+        "tensors": outcome.tensors_written,
+        "shards": outcome.shards,
+        "bytes_read": outcome.bytes_read,
+        "bytes_written": outcome.stats.bytes_written,
+        "seconds": outcome.seconds,
+        "resumed_shards": outcome.resumed_shards,
+        "nonfinite": outcome.stats.nonfinite,
+    }
