@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import peft_fixtures as pf
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import peft_fixtures as pf
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 VOCAB = 120
@@ -98,9 +97,7 @@ def _llama(tie=False, layers=1, **kw):
 
 def _gpt2_config(**kw):
     tf = _tf()
-    return tf.GPT2Config(
-        n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=32, **kw
-    )
+    return tf.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=32, **kw)
 
 
 def _vision_encoder_decoder():
@@ -473,7 +470,10 @@ ARCH_CASES: dict[str, ArchCase] = {
     "llama-trainable-tokens": ArchCase(
         lambda: _llama(),
         dict(
-            r=4, lora_alpha=8, target_modules=LLAMA_QV, trainable_token_indices={"embed_tokens": [1, 5, 7]}
+            r=4,
+            lora_alpha=8,
+            target_modules=LLAMA_QV,
+            trainable_token_indices={"embed_tokens": [1, 5, 7]},
         ),
         issue="refused: trainable_token_indices",
     ),
@@ -739,7 +739,9 @@ def _build(name: str, case: ArchCase, root: Path) -> BuiltArch:
         record["merged_keys"] = _specs(merged_dir)
         bt, mt = pf.read_tensors(base), pf.read_tensors(merged_dir)
         record["changed"] = sorted(
-            k for k in mt if k in bt and (bt[k].dtype != mt[k].dtype or not torch.equal(bt[k], mt[k]))
+            k
+            for k in mt
+            if k in bt and (bt[k].dtype != mt[k].dtype or not torch.equal(bt[k], mt[k]))
         )
         record["added"] = sorted(set(mt) - set(bt))
         record["removed"] = sorted(set(bt) - set(mt))

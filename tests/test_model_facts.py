@@ -135,14 +135,19 @@ def test_square_conv1d_below_the_top_level_is_conv1d(arch, facts_of):
         assert facts.model_type in ("vision-encoder-decoder", "encoder-decoder")
         squares = [
             p
-            for p in ("decoder.transformer.h.0.attn.c_proj", "decoder.transformer.h.0.crossattention.c_proj")
+            for p in (
+                "decoder.transformer.h.0.attn.c_proj",
+                "decoder.transformer.h.0.crossattention.c_proj",
+            )
             if facts.modules[p].weight_shape == (32, 32)
         ]
         assert len(squares) == 2
         for p in squares:
             assert facts.kind_of(p) == "conv1d"
             assert peft_layers(b.record)[p]["fan_in_fan_out"] is True
-    bert = facts_of("encoder-decoder-bert-gpt2").module("encoder.encoder.layer.0.attention.self.query")
+    bert = facts_of("encoder-decoder-bert-gpt2").module(
+        "encoder.encoder.layer.0.attention.self.query"
+    )
     assert bert.kind == "linear" and bert.weight_shape == (32, 32)
 
 
@@ -192,7 +197,10 @@ def test_ties_match_shared_storage(arch, facts_of, real_model, name):
 
 
 def test_tie_status_both_depends_on_the_values(facts_of, real_model):
-    for name, tied in (("llama-tied-stored-head-equal", True), ("llama-tied-stored-head-distinct", False)):
+    for name, tied in (
+        ("llama-tied-stored-head-equal", True),
+        ("llama-tied-stored-head-distinct", False),
+    ):
         facts, model = facts_of(name), real_model(name)
         (pair,) = facts.ties
         assert (pair.target, pair.source, pair.status) == (
@@ -228,7 +236,9 @@ def test_renames_the_issue_names(facts_of):
     g = facts_of("gpt2-legacy-names")
     assert g.param_of_key["h.0.attn.c_proj.weight"].param == "transformer.h.0.attn.c_proj.weight"
     assert g.unexpected_keys == ("h.0.attn.bias",)
-    assert g.saved_as["transformer.h.0.attn.c_proj.weight"] == ("transformer.h.0.attn.c_proj.weight",)
+    assert g.saved_as["transformer.h.0.attn.c_proj.weight"] == (
+        "transformer.h.0.attn.c_proj.weight",
+    )
     v = facts_of("llava-legacy-keys")
     ks = v.param_of_key["language_model.model.layers.0.self_attn.q_proj.weight"]
     assert ks.param == "model.language_model.layers.0.self_attn.q_proj.weight"
@@ -318,7 +328,9 @@ def test_stored_as_follows_ties(facts_of):
         "lm_head.weight",
     )
     bert = facts_of("bert-mlm-tied-decoder")
-    assert bert.stored_as("cls.predictions.decoder.weight") == ("bert.embeddings.word_embeddings.weight",)
+    assert bert.stored_as("cls.predictions.decoder.weight") == (
+        "bert.embeddings.word_embeddings.weight",
+    )
     mamba = facts_of("mamba-tied-head")
     assert mamba.tied_source("lm_head.weight") == "backbone.embeddings.weight"
     assert mamba.modules_of_kind("nn_conv1d") == ["backbone.layers.0.mixer.conv1d"]

@@ -255,7 +255,9 @@ class ModelFacts:
         except KeyError:
             tail = path.rpartition(".")[2]
             close = [p for p in self.modules if p.endswith("." + tail) or p == tail][:3]
-            raise KeyError(f"{path!r} is not a module of {self.architecture} (close: {close})") from None
+            raise KeyError(
+                f"{path!r} is not a module of {self.architecture} (close: {close})"
+            ) from None
 
     def kind_of(self, path: str) -> str:
         return self.module(path).kind
@@ -444,7 +446,7 @@ def _model_class(tf, config, config_dict, architecture, where):
         raise ModelDefinitionError(
             f"{CONFIG_NAME} names no architectures, so the model class PEFT wrapped is unknown",
             where=where,
-            hint="add e.g. \"architectures\": [\"LlamaForCausalLM\"] to config.json, or pass "
+            hint='add e.g. "architectures": ["LlamaForCausalLM"] to config.json, or pass '
             "architecture=...",
         )
     if len(names) > 1:
@@ -822,7 +824,9 @@ def ambiguous_layouts(
 def ambiguous_layout_error(names: Iterable[str], *, where: str | None = None) -> AdapterError:
     """The refusal for :func:`ambiguous_layouts`: what, why, and the two ways to settle it."""
     names = sorted(names)
-    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = ", ".join(repr(n) for n in names[:3]) + (
+        f" and {len(names) - 3} more" if len(names) > 3 else ""
+    )
     return AdapterError(
         f"LoRA modules {shown} have square base weights: a Linear (out, in) and a GPT-2 "
         "Conv1D (in, out) fit equally, and PEFT transposes the delta only for a Conv1D",
