@@ -90,3 +90,60 @@ def test_modules_to_save_on_a_tied_model_unties_it(arch):
         assert torch.equal(merged[trained], saved[f"base_model.model.{trained}"])
         assert torch.equal(merged[kept], base["model.embed_tokens.weight"])
         assert not torch.equal(merged[trained], merged[kept])
+
+
+def test_peft_multihead_attention_merge_adds_the_out_proj_delta_twice(arch):
+    """PEFT 0.21's MultiheadAttention layer applies out_proj's LoRA twice, in forward and in
+    merge (its merge adds the delta, then calls the nested out_proj LoRA's own merge): the
+    merged out_proj is ``(W + d) + d``, in_proj ``W + d``. A reproduction must do the same; this
+    test flags the day PEFT changes it."""
+    b = arch("siglip-multihead-attention")
+    base, merged = af.pf.read_tensors(b.base), af.pf.read_tensors(b.merged)
+    a = af.pf.read_tensors(b.adapter / "adapter_model.safetensors")
+    cfg = b.record["adapter_config"]
+    s = cfg["lora_alpha"] / cfg["r"]
+
+    def delta(module):
+        p = f"base_model.model.{module}"
+        return (a[f"{p}.lora_B.weight"] @ a[f"{p}.lora_A.weight"]) * s
+
+    d_in, d_out = delta("head.attention"), delta("head.attention.base_layer.out_proj")
+    w_in, w_out = "head.attention.in_proj_weight", "head.attention.out_proj.weight"
+    assert torch.equal(merged[w_in], base[w_in] + d_in)
+    assert torch.equal(merged[w_out], (base[w_out] + d_out) + d_out)
+    assert not torch.equal(merged[w_out], base[w_out] + d_out)
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe-target-parameters", "mixtral-target-parameters"])
+def test_peft_expert_delta_formula(arch, name):
+    """``target_parameters`` on a stacked expert tensor ``(E, out, in)``: A ``(r*E, in)`` holds
+    expert e's rows contiguously (``A.reshape(E, r, in)``), B ``(out, r*E)`` holds them strided
+    (``B.reshape(out, r, E)``); ``D[e] = B[:, :, e] @ A[e] * scaling``, cast to the weight dtype
+    and then added (two roundings in bf16, like Embedding). On disk the experts are separate
+    tensors (gate and up stacked along dim 0 of ``gate_up_proj``)."""
+    b = arch(name)
+    base, merged = af.pf.read_tensors(b.base), af.pf.read_tensors(b.merged)
+    a = af.pf.read_tensors(b.adapter / "adapter_model.safetensors")
+    cfg = b.record["adapter_config"]
+    s = cfg["lora_alpha"] / cfg["r"]
+    experts = 3
+    if name.startswith("qwen"):
+        layout = {"gate_up_proj": ["gate_proj", "up_proj"], "down_proj": ["down_proj"]}
+        key = "model.layers.0.mlp.experts.{e}.{n}.weight"
+    else:
+        layout = {"gate_up_proj": ["w1", "w3"], "down_proj": ["w2"]}
+        key = "model.layers.0.block_sparse_moe.experts.{e}.{n}.weight"
+    # the first target parameter's wrapper is the inner one: saved under ".base_layer"
+    wrapper = {"gate_up_proj": ".base_layer", "down_proj": ""}
+    for param, names in layout.items():
+        p = f"base_model.model.model.layers.0.mlp.experts{wrapper[param]}"
+        A, B = a[f"{p}.lora_A.weight"], a[f"{p}.lora_B.weight"]
+        A3, B3 = A.reshape(experts, -1, A.shape[-1]), B.reshape(B.shape[0], -1, experts)
+        D = torch.einsum("o r e, e r i -> e o i", B3, A3) * s  # PEFT's own product
+        for e in range(experts):
+            assert torch.allclose(D[e], (B3[:, :, e] @ A3[e]) * s, rtol=1e-5, atol=1e-6)
+            w = torch.cat([base[key.format(e=e, n=n)] for n in names])
+            m = torch.cat([merged[key.format(e=e, n=n)] for n in names])
+            assert torch.equal(m, w + D[e].to(w.dtype)), (param, e)
+            if w.dtype != torch.float32:
+                assert not torch.equal(m, (w.float() + D[e]).to(w.dtype)), "two roundings show"

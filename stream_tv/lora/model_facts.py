@@ -3,8 +3,9 @@
 Every silent merge bug so far came from guessing a layer's kind or tying from names and
 shapes. This module asks the model class itself: it builds the class named in the base's
 ``config.json`` (``architectures``) on the meta device, exactly as ``from_pretrained`` does
-before it loads weights (no memory, no weights: a 70B Llama builds in about 0.3 s), and reads,
-per module path as PEFT sees it (``model.named_modules()``):
+before it loads weights (no memory, no weights: a 70B Llama builds in under a second once
+transformers has imported its modeling module), and reads, per module path as PEFT sees it
+(``model.named_modules()``):
 
 - the module's kind, by the ``isinstance`` checks PEFT's LoRA dispatcher makes
   (:data:`KINDS`), and its weight shape;
@@ -493,8 +494,9 @@ def _resolve_dtype(dtype, config, checkpoint, where) -> tuple[torch.dtype, str]:
             where=where,
             hint="pass dtype=... (the dtype the model is loaded in)",
         )
+    # an index's "metadata" may name the dtype (transformers reads it before any shard)
     meta = checkpoint.metadata.get("dtype") if isinstance(checkpoint.metadata, dict) else None
-    if meta and len(checkpoint.files) > 1:
+    if isinstance(getattr(torch, str(meta), None), torch.dtype):
         return getattr(torch, str(meta)), "index metadata dtype"
     from transformers.modeling_utils import get_state_dict_dtype, load_state_dict
 
