@@ -6,8 +6,11 @@ returns a :class:`Job`, and that reads no tensor data. The job says
 - ``tasks``: one :class:`~stream_tv.engine.Task` per output tensor (or tensor to analyse);
 - ``checks``: tasks that write nothing and run first (e.g. integer buffers must be equal),
   so a refusal that depends on data comes before any output file exists;
-- ``output``: where the tasks' outputs go, with the provenance recorded in the index, the
-  inputs (never written; their identity keys a resume) and the side files to copy;
+- ``inputs``: the input files and directories (never written; their identity keys a resume);
+- ``output``: where the tasks' outputs go, with the provenance recorded in the index and the
+  side files to copy;
+- ``doubts``: what our own index records about an input that says it is the wrong kind
+  (a model given as a task vector, an adapter merged twice): refused unless ``--force``;
 - ``command``: its name, which sets its NaN/Inf default (``options.NONFINITE_DEFAULTS``);
 - ``result``: how to turn the :class:`Outcome` into the command's result object.
 
@@ -36,7 +39,7 @@ import torch
 
 from . import __version__, engine
 from .engine import RunStats, Sink, Task
-from .errors import DiskError, Interrupted
+from .errors import DiskError, InputError, Interrupted, MismatchError
 from .io.index import Checkpoint
 from .io.writer import (
     OutputPlan,
@@ -73,8 +76,8 @@ class Output:
     path: Path
     operation: str  # recorded as metadata["operation"]; verify re-plans from it
     provenance: dict[str, object]  # the rest of the index metadata (inputs, options)
-    inputs: Sequence[Path]  # input files and directories: never written, identity checked
     side_files_from: Path | None = None  # config/tokenizer files copied next to the shards
+    empty_hint: str = "check the inputs"  # why an output could hold no tensor, and the fix
 
     @property
     def metadata(self) -> dict[str, object]:
@@ -102,8 +105,10 @@ class Job(Generic[R]):
     command: str
     tasks: list[Task]
     result: Callable[[Outcome], R]
+    inputs: Sequence[Path] = ()  # input files and directories: never written
     checks: list[Task] = field(default_factory=list)
     output: Output | None = None
+    doubts: list[InputError] = field(default_factory=list)  # refused unless options.force
     description: str | None = None  # progress-bar label (default: the command)
 
 
@@ -132,9 +137,11 @@ def execute(job: Job[Any], options: RunOptions, *, sink: Sink | None = None) -> 
             **kw,
         )
 
+    if job.doubts and not options.force:
+        raise job.doubts[0]
     writes = job.output is not None and sink is None
     if writes:
-        check_output(job.output.path, job.output.inputs)
+        check_output(job.output.path, job.inputs)
     checked = stream(job.checks, None, progress=False) if job.checks else RunStats()
     label = job.description or job.command
     written: dict[str, Any] = {}
@@ -164,12 +171,18 @@ def _write(
     out = job.output
     assert out is not None
     writing = [t for t in job.tasks if t.out is not None]
+    if not writing:
+        raise MismatchError(
+            "nothing to write: the output would hold no tensor",
+            where=str(out.path),
+            hint=out.empty_hint,
+        )
     plan = OutputPlan.build([t.out for t in writing], options.shard_bytes)
     metadata = out.metadata
     fingerprint = plan.fingerprint(
         repr(sorted((k, str(v)) for k, v in metadata.items() if k != "stream_tv_version"))
         + f"\non_nonfinite={on_nonfinite}\n"
-        + _inputs_identity(out.inputs)
+        + _inputs_identity(job.inputs)
     )
     writer = ShardWriter(
         out.path,

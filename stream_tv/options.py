@@ -54,6 +54,8 @@ class RunOptions:
     ``restart`` discards an unfinished run in the output directory instead of resuming it;
     ``overwrite`` replaces a finished one. ``space_check`` refuses up front when the output's
     file system lacks the space; ``fsync`` flushes each shard before it is renamed.
+    ``force`` proceeds where our own index says an input is the wrong kind (a merged model
+    given as a task vector, an adapter merged into a model that already holds it).
 
     Process-wide effects of a run, both documented here because they outlive the call:
     the engine lowers torch's intra-op thread count by two for the run (the reader and
@@ -73,6 +75,7 @@ class RunOptions:
     on_nonfinite: NonFinite | None = None
     space_check: bool = True
     fsync: bool = False
+    force: bool = False
     tune_malloc: bool = True
     chunk_bytes: int | None = field(init=False, repr=False, compare=False)
     shard_bytes: int = field(init=False, repr=False, compare=False)

@@ -13,6 +13,7 @@ the command needs to go on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import InputError, MismatchError
 from .io.index import Checkpoint
@@ -113,3 +114,80 @@ def floats(ckpt: Checkpoint, names: Sequence[str], *, also: Checkpoint | None = 
                 where=c.reference,
                 hint="task vectors hold float tensors only",
             )
+
+
+# ---- provenance: what our own index says an input is --------------------------------------------
+
+#: ``metadata["operation"]`` of our outputs -> what the output is.
+_KIND_OF_OPERATION = {
+    "extract": "task vector",
+    "lora-delta": "task vector",
+    "merge": "model",
+    "apply": "model",
+}
+
+
+def recorded_kind(ckpt: Checkpoint) -> str | None:
+    """``"model"`` or ``"task vector"`` when ``ckpt`` is a stream-tv output that says so."""
+    operation = ckpt.metadata.get("operation")
+    if not isinstance(operation, str) or "stream_tv_version" not in ckpt.metadata:
+        return None
+    return _KIND_OF_OPERATION.get(operation)
+
+
+def provenance(ckpt: Checkpoint, *, expected: str, given_as: str) -> list[InputError]:
+    """Doubts about ``ckpt`` given as ``given_as`` (e.g. ``"BASE"``) where a ``expected``
+    (``"model"`` or ``"task vector"``) belongs: empty unless our own index says otherwise.
+
+    The job driver refuses the first doubt unless ``RunOptions(force=True)``.
+    """
+    kind = recorded_kind(ckpt)
+    if kind is None or kind == expected:
+        return []
+    operation = ckpt.metadata["operation"]
+    if expected == "model":
+        fix = (
+            "a task vector is applied to its base: stream-tv apply BASE TV -o OUT; compare "
+            "takes it as --task-vector"
+        )
+    else:
+        fix = (
+            "take its task vector first: stream-tv extract BASE MODEL -o TV (applying a whole "
+            "model would add its weights to the base's)"
+        )
+    return [
+        InputError(
+            f"{given_as} is a {kind} (written by stream-tv {operation}, its index says so), "
+            f"not a {expected}",
+            where=ckpt.reference,
+            hint=f"{fix}; --force uses it as given",
+        )
+    ]
+
+
+def already_merged(base: Checkpoint, adapters: Sequence[tuple[str, Path]]) -> list[InputError]:
+    """Doubts when ``base`` is a merge output whose index records one of ``adapters``
+    (``(reference, directory)`` pairs) as merged in already: merging it again doubles it."""
+    if recorded_kind(base) != "model" or base.metadata.get("operation") != "merge":
+        return []
+    recorded = base.metadata.get("adapters")
+    if not isinstance(recorded, list):
+        return []
+    doubts = []
+    for reference, directory in adapters:
+        for r in recorded:
+            if not isinstance(r, str):
+                continue
+            same = r == reference or Path(r).expanduser().resolve() == directory.resolve()
+            if same:
+                doubts.append(
+                    InputError(
+                        f"the base already has adapter {reference} merged in (written by "
+                        "stream-tv merge, its index says so): merging it again doubles its "
+                        "delta",
+                        where=base.reference,
+                        hint="merge into the original base; --force merges it again",
+                    )
+                )
+                break
+    return doubts

@@ -43,6 +43,7 @@ from stream_tv import (
 )
 from stream_tv.cli import cli  # noqa: E402
 from stream_tv.engine import row_ranges  # noqa: E402
+from stream_tv.io.outdir import OutputDir  # noqa: E402
 from stream_tv.lora.runtime import OpenMerge  # noqa: E402
 from stream_tv.report import CompareReport  # noqa: E402
 from stream_tv.stats import CATEGORIES, TensorAccumulator  # noqa: E402
@@ -782,7 +783,7 @@ def test_report_path_that_cannot_be_written(case, tmp_path, monkeypatch):
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(OutputDir, "create", full)
     target = tmp_path / "r.json"
     r = run(*args, "--json", target)  # after the terminal report: one error line at the end
     assert r.exit_code == 2 and "Traceback" not in r.output

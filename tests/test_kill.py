@@ -52,20 +52,20 @@ if point.startswith("after-shard-"):
             pause()
     w.ShardWriter._close_shard = _close_shard
 elif point == "index":
-    atomic = w._atomic_write
-    def _atomic_write(path, data):
-        if path.name == w.INDEX_NAME:
-            path.with_name("." + path.name + ".tmp").write_bytes(data[: len(data) // 2])
+    atomic = w.OutputDir.atomic_write
+    def atomic_write(self, name, data, **kw):
+        if name == w.INDEX_NAME:
+            (self.path / ("." + name + ".tmp")).write_bytes(data[: len(data) // 2])
             pause()
-        atomic(path, data)
-    w._atomic_write = _atomic_write
+        atomic(self, name, data, **kw)
+    w.OutputDir.atomic_write = atomic_write
 elif point == "journal":
-    remove = w._remove
-    def _remove(p):
-        if p.name == w.STATE_FILE:
+    remove = w.OutputDir.remove
+    def remove_(self, name):
+        if name.endswith(w.STATE_FILE):
             pause()
-        remove(p)
-    w._remove = _remove
+        remove(self, name)
+    w.OutputDir.remove = remove_
 from stream_tv.cli import main
 main(sys.argv[1:])
 """
@@ -179,13 +179,16 @@ def cmd(llama, out: Path) -> list:
 
 
 def test_reference_loads_with_transformers(llama, reference, tmp_path):
-    """The positive control: a finished output is a model transformers loads."""
+    """The positive control: a finished output is a checkpoint transformers loads, given a
+    config (a task vector carries none of its own: it must not load as a model by itself)."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "tv"
     out.mkdir()
     for n, b in reference.items():
         (out / n).write_bytes(b)
+    assert "config.json" not in reference
+    (out / "config.json").write_bytes((llama[0] / "config.json").read_bytes())
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert model.model.embed_tokens.weight.shape == (8192, 512)
 

@@ -1,5 +1,5 @@
 """``python -m stream_tv.cli``: the same as the ``stream-tv`` console script."""
 
-from .base import main
+from ..console import main
 
 main()

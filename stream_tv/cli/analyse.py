@@ -21,7 +21,10 @@ from .base import cli, echo_write_result, run_options
     help="A task vector written by `extract`, instead of --finetuned; twice to compare two.",
 )
 @click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False), help="Write the JSON report here."
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Write the JSON report here ('-': to stdout, the summary then goes to stderr).",
 )
 @click.option(
     "--markdown", "md_path", type=click.Path(dir_okay=False), help="Write a Markdown report here."
@@ -59,45 +62,28 @@ def compare(
       stream-tv compare --task-vector ./tv --adapter ./lora --markdown r.md
       stream-tv compare --task-vector ./tv_a --task-vector ./tv_b
     """
-    from pathlib import Path
-
     from ..commands.compare import compare as do_compare
-    from ..errors import OutputError
 
-    if plot_path is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.UsageError(
-                "--plot needs matplotlib: pip install 'stream-tv[plot]'"
-            ) from None
-    # Refuse a report path that cannot be written before streaming the models, not after.
-    for flag, path in (("--json", json_path), ("--markdown", md_path), ("--plot", plot_path)):
-        if path is not None and not Path(path).absolute().parent.is_dir():
-            raise OutputError(
-                f"{flag} {path}: the directory {Path(path).absolute().parent} does not exist"
-            )
+    to_stdout = json_path == "-"
     report = do_compare(
         base=base,
         finetuned=finetuned,
         adapter=adapter,
         task_vectors=task_vectors,
         allow_missing=allow_missing,
+        json_path=None if to_stdout else json_path,
+        markdown_path=md_path,
+        plot_path=plot_path,
         options=options,
     )
-    click.echo(report.render_terminal(worst=worst))
-    writers = (
-        (json_path, lambda p: Path(p).write_text(report.to_json())),
-        (md_path, lambda p: Path(p).write_text(report.to_markdown())),
-        (plot_path, report.plot),
-    )
-    for path, write in writers:
-        if path:
-            try:
-                write(path)
-            except OSError as e:
-                raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-            click.echo(f"wrote {path}")
+    # The report files are written; only then is anything printed, so a closed pipe
+    # (`| head -1`) never skips them. With --json -, stdout carries the JSON alone.
+    if to_stdout:
+        click.echo(report.to_json())
+    click.echo(report.render_terminal(worst=worst), err=to_stdout)
+    for path in (json_path, md_path, plot_path):
+        if path and path != "-":
+            click.echo(f"wrote {path}", err=to_stdout)
 
 
 @cli.command()
@@ -126,8 +112,13 @@ def compare(
     show_default=True,
     help="Largest accepted |output - recomputation| (0: the bytes must be identical).",
 )
+@click.option(
+    "--structure-only",
+    is_flag=True,
+    help="Accept an output whose index records no checksums (its bytes are then not checked).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@run_options("verify", writes=False, nonfinite=False)
+@run_options("verify", writes=False, nonfinite=False, force=False)
 def verify(
     out: str,
     base: str | None,
@@ -135,6 +126,7 @@ def verify(
     task_vectors: tuple[str, ...],
     adapters: tuple[str, ...],
     atol: float,
+    structure_only: bool,
     as_json: bool,
     options: RunOptions,
 ) -> None:
@@ -163,6 +155,7 @@ def verify(
         task_vectors=task_vectors,
         adapters=adapters,
         atol=atol,
+        structure_only=structure_only,
         options=replace(options, progress=options.progress and not as_json),
     )
     if as_json:
@@ -179,14 +172,18 @@ def verify(
 
 @cli.command()
 @click.argument("directory", default="stream-tv-demo")
-@click.option("--overwrite", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an earlier demo in DIRECTORY (only its own files; nothing else is removed).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def demo(directory: str, overwrite: bool, quiet: bool) -> None:
     """Make a small example and run the main job on it.
 
     Writes a Llama-shaped bf16 base model (4 layers, several shards) and a LoRA adapter
     into DIRECTORY, merges the adapter (PEFT-exact), extracts the task vector of the merged
-    model, and compares the adapter's delta with it (report.json, report.md).
+    model, and compares the adapter's delta with it (report.json, report.md, report.png).
 
     \b
     Example:
@@ -201,7 +198,8 @@ def demo(directory: str, overwrite: bool, quiet: bool) -> None:
     echo_write_result(result.extract, f"task vector ({result.extract.dtype})")
     click.echo("")
     click.echo(result.report.render_terminal())
-    click.echo(f"\nreports: {root / 'report.json'}, {root / 'report.md'}")
+    reports = [root / n for n in ("report.json", "report.md", "report.png")]
+    click.echo("\nreports: " + ", ".join(str(p) for p in reports if p.exists()))
     click.echo(
         "next: stream-tv inspect "
         f"{root / 'merged'}; stream-tv verify {root / 'merged'} --base {root / 'base'} "

@@ -80,13 +80,26 @@ _WRITE_OPTIONS = [
 ]
 
 
-def run_options(command: str, *, writes: bool = True, nonfinite: bool = True) -> Callable:
+_FORCE_OPTION = click.option(
+    "--force",
+    is_flag=True,
+    help="Use an input as given even where its index (written by stream-tv) says it is the "
+    "wrong kind: a model given as a task vector, an adapter merged in already.",
+)
+
+
+def run_options(
+    command: str, *, writes: bool = True, nonfinite: bool = True, force: bool = True
+) -> Callable:
     """The options streaming commands share, as one ``options: RunOptions`` argument.
 
     Every command gets ``--device``, ``--chunk-size`` and ``--quiet``; writing commands also
-    the output options; ``nonfinite`` adds ``--on-nonfinite`` with ``command``'s default.
+    the output options; ``nonfinite`` adds ``--on-nonfinite`` with ``command``'s default;
+    ``force`` adds ``--force``.
     """
     bundle = list(_READ_OPTIONS) + (list(_WRITE_OPTIONS) if writes else [])
+    if force:
+        bundle.append(_FORCE_OPTION)
     if nonfinite:
         bundle.append(
             click.option(
@@ -110,6 +123,7 @@ def run_options(command: str, *, writes: bool = True, nonfinite: bool = True) ->
             fsync: bool = False,
             no_space_check: bool = False,
             on_nonfinite: str | None = None,
+            force: bool = False,
             **kwargs: Any,
         ) -> Any:
             options = RunOptions(
@@ -122,6 +136,7 @@ def run_options(command: str, *, writes: bool = True, nonfinite: bool = True) ->
                 on_nonfinite=on_nonfinite,  # type: ignore[arg-type]
                 space_check=not no_space_check,
                 fsync=fsync,
+                force=force,
             )
             return fn(*args, options=options, **kwargs)
 
@@ -203,5 +218,7 @@ def cli(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``stream-tv`` console script."""
-    cli.main(args=argv, prog_name="stream-tv")
+    """Entry point of the ``stream-tv`` console script (see :mod:`stream_tv.console`)."""
+    from ..console import main as console_main
+
+    console_main(argv)

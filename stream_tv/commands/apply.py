@@ -93,11 +93,16 @@ def plan_apply(
     def result(outcome: Outcome) -> ApplyResult:
         return ApplyResult(**written(outcome), scales=scales, untouched=untouched)
 
+    doubts = validate.provenance(b, expected="model", given_as="BASE")
+    for i, tv in enumerate(tvs):
+        doubts += validate.provenance(tv, expected="task vector", given_as=f"TV {i + 1}")
     return Job(
         "apply",
         tasks,
         result,
-        output=Output(out, "apply", provenance, input_paths(b, *tvs), side_files_from=b.root),
+        inputs=input_paths(b, *tvs),
+        output=Output(out, "apply", provenance, side_files_from=b.root),
+        doubts=doubts,
     )
 
 

@@ -17,18 +17,21 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .. import engine, ops, validate
 from ..errors import InputError
 from ..io.index import Checkpoint, TensorSpec
-from ..jobs import Job, Outcome, run_job
+from ..io.outdir import check_output_file, write_file
+from ..jobs import Job, Outcome, input_paths, run_job
 from ..lora import Adapter, MergePlan, TensorMerge
 from ..options import RunOptions
 from ..refs import open_checkpoint
 from ..report import CompareReport
 from ..stats import TensorAccumulator
+from .merge import adapter_paths
 
 
 def compare(
@@ -38,6 +41,9 @@ def compare(
     adapter: str | os.PathLike | None = None,
     task_vectors: Sequence[str | os.PathLike] = (),
     allow_missing: bool = False,
+    json_path: str | os.PathLike | None = None,
+    markdown_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
     options: RunOptions | None = None,
 ) -> CompareReport:
     """Compare a LoRA delta (or a task vector) with a task vector, tensor by tensor.
@@ -47,6 +53,10 @@ def compare(
       - ``task_vectors=[tv]`` + ``adapter`` (``base`` too for DoRA adapters);
       - ``task_vectors=[a, b]``: L = a, T = b;
       - ``base`` + ``finetuned`` alone: coverage of what changed (no L).
+
+    ``json_path``, ``markdown_path``, ``plot_path``: report files, checked before any data is
+    read (never an input, nor inside one, nor a link) and written before this returns, each
+    through a temporary file and a rename.
     """
     b = open_checkpoint(base) if base is not None else None
     f = open_checkpoint(finetuned) if finetuned is not None else None
@@ -55,7 +65,23 @@ def compare(
     job = plan_compare(
         base=b, finetuned=f, adapter=ad, task_vectors=tvs, allow_missing=allow_missing
     )
-    return run_job(job, options or RunOptions())
+    given = {"--json": json_path, "--markdown": markdown_path, "--plot": plot_path}
+    files = {flag: Path(p) for flag, p in given.items() if p is not None}
+    if "--plot" in files:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib: pip install 'stream-tv[plot]'") from None
+    for flag, path in files.items():
+        check_output_file(path, job.inputs, flag=flag)
+    report = run_job(job, options or RunOptions())
+    if "--json" in files:
+        write_file(files["--json"], report.to_json().encode())
+    if "--markdown" in files:
+        write_file(files["--markdown"], report.to_markdown().encode())
+    if "--plot" in files:
+        write_file(files["--plot"], render=report.plot)
+    return report
 
 
 @dataclass
@@ -130,7 +156,16 @@ def plan_compare(
         }
         return CompareReport(inputs=inputs, tensors=[outcome.stats.results[n] for n in names])
 
-    return Job("compare", [_task(s) for s in sources], result)
+    doubts = []
+    for ckpt, flag in ((b, "--base"), (f, "--finetuned")):
+        if ckpt is not None:
+            doubts += validate.provenance(ckpt, expected="model", given_as=flag)
+    for tv in tvs:
+        doubts += validate.provenance(tv, expected="task vector", given_as="--task-vector")
+    inputs = input_paths(*(c for c in (b, f, *tvs) if c is not None))
+    if adapter is not None:
+        inputs += adapter_paths([adapter])
+    return Job("compare", [_task(s) for s in sources], result, inputs=inputs, doubts=doubts)
 
 
 def _check_inputs(b, f, adapter, tvs) -> None:

@@ -31,17 +31,29 @@ class DemoResult:
     report: CompareReport
 
 
+#: What the demo writes in its directory; ``--overwrite`` removes these and nothing else.
+DEMO_ENTRIES = (
+    "base",
+    "adapter",
+    "merged",
+    "task-vector",
+    "report.json",
+    "report.md",
+    "report.png",
+)
+MARKER = ".stream-tv-demo"
+
+
 def run_demo(
     directory: str | os.PathLike, *, overwrite: bool = False, options: RunOptions | None = None
 ) -> DemoResult:
-    """Build the example in ``directory`` and run merge, extract and compare on it."""
+    """Build the example in ``directory`` and run merge, extract and compare on it.
+
+    ``overwrite`` replaces an earlier demo in ``directory`` (the entries it made, which its
+    marker file records); anything else there is left alone.
+    """
     root = Path(directory)
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise OutputError(
-                "directory is not empty", where=str(root), hint="pass --overwrite or another path"
-            )
-        shutil.rmtree(root)
+    _prepare(root, overwrite)
     options = options or RunOptions()
     config = llama_config(hidden=256, intermediate=704, layers=4, vocab=4096, dtype=torch.bfloat16)
     write_base(root / "base", config, seed=0, max_shard_size=3_000_000)
@@ -49,8 +61,43 @@ def run_demo(
     merged = merge_lora(root / "base", root / "adapter", root / "merged", options=options)
     tv = extract_task_vector(root / "base", root / "merged", root / "task-vector", options=options)
     report = compare(
-        base=root / "base", finetuned=root / "merged", adapter=root / "adapter", options=options
+        base=root / "base",
+        finetuned=root / "merged",
+        adapter=root / "adapter",
+        json_path=root / "report.json",
+        markdown_path=root / "report.md",
+        plot_path=root / "report.png" if _has_matplotlib() else None,
+        options=options,
     )
-    (root / "report.json").write_text(report.to_json())
-    (root / "report.md").write_text(report.to_markdown())
     return DemoResult(root, merged, tv, report)
+
+
+def _prepare(root: Path, overwrite: bool) -> None:
+    present = [n for n in DEMO_ENTRIES if (root / n).exists() or (root / n).is_symlink()]
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise OutputError(
+                "directory is not empty", where=str(root), hint="pass --overwrite or another path"
+            )
+        if present and not (root / MARKER).is_file():
+            raise OutputError(
+                f"the directory holds {present[0]!r}, which no earlier demo made here",
+                where=str(root),
+                hint="choose another directory: --overwrite replaces only a demo's own files",
+            )
+        for name in present:
+            p = root / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("made by `stream-tv demo`: " + ", ".join(DEMO_ENTRIES) + "\n")
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -120,12 +120,23 @@ def plan_extract(
             dtype=out_dtypes,
         )
 
+    # No config.json: a task vector must never load as a model (transformers would).
+    why_empty = "the two checkpoints share no float tensor to subtract"
+    if skip:
+        why_empty = "every float tensor is unchanged (--skip-unchanged left them all out)"
+    elif missing:
+        why_empty += f" (--allow-missing left out {len(missing)}): are they the same model?"
     return Job(
         "extract",
         tasks,
         result,
+        inputs=input_paths(b, f),
         checks=checks,
-        output=Output(out, "extract", provenance, input_paths(b, f), side_files_from=b.root),
+        output=Output(out, "extract", provenance, empty_hint=why_empty),
+        doubts=[
+            *validate.provenance(b, expected="model", given_as="BASE"),
+            *validate.provenance(f, expected="model", given_as="FINETUNED"),
+        ],
     )
 
 

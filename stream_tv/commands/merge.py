@@ -122,12 +122,16 @@ def plan_merge(
             lora_modules=len(plan.modules),
         )
 
-    inputs = [*input_paths(b), *adapter_paths(adapters)]
     return Job(
         "merge",
         tasks,
         result,
-        output=Output(out, "merge", provenance, inputs, side_files_from=b.root),
+        inputs=[*input_paths(b), *adapter_paths(adapters)],
+        output=Output(out, "merge", provenance, side_files_from=b.root),
+        doubts=[
+            *validate.provenance(b, expected="model", given_as="BASE"),
+            *validate.already_merged(b, [(a.reference, a.path) for a in adapters]),
+        ],
     )
 
 
@@ -220,8 +224,16 @@ def plan_lora_delta(
             replaced=[k for k, t in plan.merges.items() if t.replacement is not None],
         )
 
-    inputs = [*(input_paths(base) if base is not None else []), *adapter_paths([ad])]
-    return Job("lora-delta", tasks, result, output=Output(out, "lora-delta", provenance, inputs))
+    return Job(
+        "lora-delta",
+        tasks,
+        result,
+        inputs=[*(input_paths(base) if base is not None else []), *adapter_paths([ad])],
+        output=Output(
+            out, "lora-delta", provenance, empty_hint="the adapter changes no tensor of the base"
+        ),
+        doubts=validate.provenance(base, expected="model", given_as="--base") if base else [],
+    )
 
 
 def delta_task(tm: TensorMerge, dtype: torch.dtype) -> engine.Task:

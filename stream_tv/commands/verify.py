@@ -73,6 +73,7 @@ class VerifyResult:
     differences: dict[str, float] = field(default_factory=dict)  # tensor -> max abs diff
     nonfinite: dict[str, int] = field(default_factory=dict)  # tensor -> NaN/Inf count
     nonfinite_from_inputs: dict[str, int] = field(default_factory=dict)  # recomputed the same
+    unchecked: list[str] = field(default_factory=list)  # what could not be checked
     seconds: float = 0.0
 
     @property
@@ -94,6 +95,8 @@ class VerifyResult:
             parts.append("no NaN/Inf")
         if self.recomputed_from:
             parts.append(f"identical to a recomputation from {self.recomputed_from}")
+        if self.unchecked:
+            parts.append("not checked: " + ", ".join(self.unchecked))
         return f"ok: {self.output}: " + "; ".join(parts) + f" [{self.seconds:.1f} s]"
 
     def to_dict(self) -> dict:
@@ -111,9 +114,14 @@ def verify_output(
     task_vectors: Sequence[str | os.PathLike] = (),
     adapters: str | os.PathLike | Sequence[str | os.PathLike] = (),
     atol: float = 0.0,
+    structure_only: bool = False,
     options: RunOptions | None = None,
 ) -> VerifyResult:
     """Check that ``out`` is a complete, sound checkpoint; recompute it when inputs are given.
+
+    An output whose index records no checksums (not written by stream-tv, or rewritten)
+    cannot have its bytes checked: that is a problem unless a recomputation checked every
+    tensor, or ``structure_only`` accepts the structure checks alone.
 
     Raises :class:`~stream_tv.errors.InputError` for unusable arguments (no such directory,
     inputs that do not fit the recorded operation); everything wrong with the output itself
@@ -149,6 +157,14 @@ def verify_output(
     if layout.complete or layout.files:
         execute(checker.scan_job(), options)
     checker.report(result)
+    if layout.files and not layout.checksums and not checker.covers_everything():
+        result.unchecked.append("shard bytes (the index records no checksums)")
+        if not structure_only:
+            result.problems.append(
+                "the index records no checksums (metadata.stream_tv_checksums), so the shard "
+                "bytes could not be checked against what was written: pass the inputs to "
+                "recompute it, or --structure-only to accept the structure checks alone"
+            )
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -377,6 +393,10 @@ class _Checker:
                 f"{len(absent)} tensor(s) are missing from the output (e.g. {', '.join(absent[:3])})"
             )
         return keep
+
+    def covers_everything(self) -> bool:
+        """Every output tensor was compared with a recomputation."""
+        return bool(self.specs) and self.checked == set(self.specs)
 
     # -- the sink -----------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..errors import CorruptCheckpointError, ReferenceNotFoundError
 from .index import INDEX_NAME, TensorSpec, read_header
-from .writer import CHECKSUMS_KEY, STATE_DIR, STATE_FILE
+from .outdir import STATE_DIR, STATE_FILE, is_temporary
+from .writer import CHECKSUMS_KEY
 
 SHARD_GLOB = "model-*-of-*.safetensors"
 
@@ -42,9 +43,7 @@ def read_layout(out: Path, problems: list[str]) -> Layout:
             f"{STATE_DIR}/{STATE_FILE} is present: the run writing this directory did not "
             "finish (rerun the same command to resume it)"
         )
-    leftovers = sorted(
-        p.name for p in out.iterdir() if p.name.startswith((".model-", f".{INDEX_NAME}"))
-    )
+    leftovers = sorted(p.name for p in out.iterdir() if is_temporary(p.name))
     if leftovers:
         problems.append(f"temporary file(s) of an unfinished run: {', '.join(leftovers[:3])}")
     index = out / INDEX_NAME

@@ -18,8 +18,6 @@ import errno
 import hashlib
 import json
 import os
-import re
-import shutil
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,17 +28,22 @@ import torch
 from ..errors import DiskError, OutputError
 from ..units import format_size, parse_size  # noqa: F401  (re-exported: the writer's sizes)
 from .index import INDEX_NAME, dtype_name
+from .outdir import (  # noqa: F401  (re-exported: where the writer keeps its state)
+    LOCK_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    OutputDir,
+    check_output_location,
+    copy_side_files,
+)
 
-STATE_DIR = ".stream-tv"
-STATE_FILE = "state.json"
-LOCK_FILE = "lock"
 # Index metadata key: {shard file name: "crc32:<8 hex digits>"}, the crc32 of each whole
 # shard file as written; `stream-tv verify` checks it.
 CHECKSUMS_KEY = "stream_tv_checksums"
 WRITEBACK_STEP = 64 * 2**20  # bytes between write-back requests (see ShardWriter.write)
 _FADVISE = getattr(os, "POSIX_FADV_DONTNEED", 0) if hasattr(os, "posix_fadvise") else 0
 WRITE_PIECE = 256 * 1024  # bytes per write() call; see benchmarks/RESULTS.md ("Writer")
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
 
 def plan_shards(items: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
     """Group ``(name, nbytes)`` in order into shards of at most ``max_shard_size`` bytes.
@@ -140,27 +143,6 @@ class OutputPlan:
         return h.hexdigest()
 
 
-def check_output_location(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output directory equal to, inside, or containing an input (a directory),
-    or equal to or containing an input file. A directory next to an input file is fine:
-    ``extract base.safetensors ft.safetensors -o tv`` writes nothing beside the inputs."""
-    target = out.resolve()
-    for p in inputs:
-        src = p.resolve()
-        if src.is_dir() and (target == src or src in target.parents or target in src.parents):
-            raise OutputError(
-                f"the output directory overlaps the input {p}",
-                where=str(out),
-                hint="inputs are never written; choose an output directory outside the inputs",
-            )
-        if not src.is_dir() and (target == src or target in src.parents):
-            raise OutputError(
-                f"the output directory contains the input {p}",
-                where=str(out),
-                hint="choose an output directory that holds no input",
-            )
-
-
 @dataclass
 class _OpenShard:
     layout: ShardLayout
@@ -188,88 +170,69 @@ class ShardWriter:
     fsync: bool = False  # flush each shard before its rename (see _close_shard)
     completed: dict[int, int] = field(default_factory=dict)  # shard index -> crc32
     _open: dict[int, _OpenShard] = field(default_factory=dict)
-    _lock_fd: int | None = None
+
+    def __post_init__(self) -> None:
+        self.dir = OutputDir(self.out)
 
     # ---- directory preparation -------------------------------------------------------
     def begin(self) -> None:
         try:
             self._begin()
         except BaseException:
-            self._unlock()  # a refusal must not keep the directory locked in this process
+            self.dir.unlock()  # a refusal must not keep the directory locked in this process
             raise
 
     def _begin(self) -> None:
-        out = self.out
+        out, d = self.out, self.dir
         if out.exists() and not out.is_dir():
             raise OutputError("exists and is not a directory", where=str(out))
-        if (out / STATE_DIR).is_dir():
-            self._lock()  # before reading the journal: a run in progress owns it
-        state = _read_state(out / STATE_DIR / STATE_FILE)
-        finished = (out / INDEX_NAME).exists()
-        if out.exists() and any(out.iterdir()):
+        d.refuse_links()
+        if d.state_dir.is_dir():
+            d.lock()  # before reading the journal: a run in progress owns it
+        state, unreadable = _read_state(d.state_dir / STATE_FILE)
+        finished = (out / INDEX_NAME).is_file()
+        # A directory holding only what a run of ours left before it could keep a journal
+        # (a kill or a full disk at the first journal write) is free; a readable journal of
+        # another command is not silently discarded, even with no shard complete.
+        free = d.holds_only_leftovers() and state is None
+        if out.exists() and not free:
             if self.resume and state is not None and state.get("fingerprint") == self.fingerprint:
-                self._lock()
+                d.lock()
                 if finished:  # killed after the index, before the journal went: redo the end
-                    (out / INDEX_NAME).unlink()
+                    d.remove(INDEX_NAME)
                 self.completed = self._verified_completed(state)
                 return
-            restart = state is not None and not finished and not self.resume
-            if not self.overwrite and not restart:
-                if state is not None and not finished:
-                    what = "an unfinished run of a different command (other inputs or options)"
-                    hint = (
-                        "rerun that command to resume it, pass --restart to discard it, "
-                        "or choose another directory"
-                    )
-                else:
-                    what = "a finished model" if finished else "files"
-                    hint = "pass --overwrite to replace it, or choose another directory"
-                raise OutputError(f"output directory already holds {what}", where=str(out), hint=hint)
-            self._lock()
-            self._clear()
-        else:
+            unfinished = (state is not None or unreadable) and not finished
+            if not self.overwrite and not (unfinished and not self.resume):
+                if finished and state is None:
+                    d.unlock(remove=True)  # a kill after the journal went left its lock
+                raise self._occupied(unfinished, unreadable, finished)
+        else:  # new, empty, or only what a run that never got going left behind
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise DiskError(f"cannot create the output directory: {e.strerror}", where=str(out)) from e
-            self._lock()
+                raise DiskError(
+                    f"cannot create the output directory: {e.strerror}", where=str(out)
+                ) from e
+        d.lock()
+        d.clear()
         self._save_state()
 
-    def _lock(self) -> None:
-        if self._lock_fd is not None:
-            return
-        state_dir = self.out / STATE_DIR
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise DiskError(f"cannot write to the output directory: {e.strerror}", where=str(self.out)) from e
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not POSIX
-            pass
-        except OSError as e:
-            os.close(fd)
-            raise OutputError(
-                "another stream-tv run is writing to this directory",
-                where=str(self.out),
-                hint="wait for it to finish, or choose another output directory",
-            ) from e
-        self._lock_fd = fd
-
-    def _clear(self) -> None:
-        """Remove a previous output: the index first, so nothing looks finished meanwhile."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.out / INDEX_NAME).unlink()
-        for p in self.out.iterdir():
-            if p.name == STATE_DIR:
-                for q in p.iterdir():
-                    if q.name != LOCK_FILE:
-                        _remove(q)
-            elif _SHARD_RE.match(p.name) or p.name.startswith(".model-") or p.name == "model.safetensors":
-                p.unlink()
+    def _occupied(self, unfinished: bool, unreadable: bool, finished: bool) -> OutputError:
+        if unfinished:
+            what = (
+                "an unfinished run whose journal cannot be read"
+                if unreadable
+                else "an unfinished run of a different command (other inputs or options)"
+            )
+            hint = (
+                "rerun that command to resume it, pass --restart to discard it, "
+                "or choose another directory"
+            )
+        else:
+            what = "a finished model" if finished else "files"
+            hint = "pass --overwrite to replace it, or choose another directory"
+        return OutputError(f"output directory already holds {what}", where=str(self.out), hint=hint)
 
     def _verified_completed(self, state: dict) -> dict[int, int]:
         """Completed shards from the journal that are still intact on disk (size + crc32)."""
@@ -283,11 +246,8 @@ class ShardWriter:
                     if f.read(len(layout.header)) == layout.header:
                         done[i] = crc
                         continue
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        for p in self.out.iterdir():
-            if p.name.startswith(".model-") or p.name == f".{INDEX_NAME}.tmp":
-                p.unlink()
+            self.dir.remove(layout.name)
+        self.dir.remove_temporaries()
         return done
 
     def _save_state(self) -> None:
@@ -297,7 +257,7 @@ class ShardWriter:
             "completed": {str(i): c for i, c in sorted(self.completed.items())},
             "checksum": "crc32",
         }
-        _atomic_write(self.out / STATE_DIR / STATE_FILE, json.dumps(state, indent=1).encode())
+        self.dir.atomic_write(f"{STATE_DIR}/{STATE_FILE}", json.dumps(state, indent=1).encode())
 
     # ---- writing ------------------------------------------------------------------------
     def is_complete(self, name: str) -> bool:
@@ -340,7 +300,7 @@ class ShardWriter:
         layout = self.plan.shards[i]
         tmp = self.out / f".{layout.name}.partial"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = self.dir.create(tmp.name)
         except OSError as e:
             raise self._disk_error(e, f"creating {tmp.name}") from e
         try:
@@ -420,12 +380,16 @@ class ShardWriter:
         """Drop unfinished shards; completed ones and the journal stay for resume."""
         for i in list(self._open):
             self._abandon(i)
-        self._unlock()
+        self.dir.unlock()
 
     def finish(self, metadata: dict[str, str]) -> Path:
         """Write the index (the mark of a finished model) and remove the journal."""
         for i, layout in enumerate(self.plan.shards):  # shards holding only empty tensors
-            if i not in self.completed and i not in self._open and layout.size == len(layout.header):
+            if (
+                i not in self.completed
+                and i not in self._open
+                and layout.size == len(layout.header)
+            ):
                 self._open_shard(i)
         missing = [s.name for i, s in enumerate(self.plan.shards) if i not in self.completed]
         if missing:
@@ -443,25 +407,27 @@ class ShardWriter:
                 name: self.plan.shards[i].name for name, i in sorted(self.plan.shard_of.items())
             },
         }
-        path = self.out / INDEX_NAME
-        _atomic_write(path, (json.dumps(index, indent=2) + "\n").encode())
-        _remove(self.out / STATE_DIR / STATE_FILE)
-        self._unlock()
-        shutil.rmtree(self.out / STATE_DIR, ignore_errors=True)
-        return path
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.dir.atomic_write(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+        self.dir.remove(f"{STATE_DIR}/{STATE_FILE}")
+        self.dir.unlock(remove=True)
+        return self.out / INDEX_NAME
 
 
-def _read_state(path: Path) -> dict | None:
+def _read_state(path: Path) -> tuple[dict | None, bool]:
+    """The journal, and whether one is there but cannot be read (torn, garbage, too deep)."""
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, False
+    except (OSError, UnicodeDecodeError):
+        return None, True
+    try:
+        state = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, True
+    if not isinstance(state, dict) or not isinstance(state.get("completed", {}), dict):
+        return None, True
+    return state, False
 
 
 def file_crc(path: Path) -> int:
@@ -471,51 +437,3 @@ def file_crc(path: Path) -> int:
         while block := f.read(8 << 20):
             crc = zlib.crc32(block, crc)
     return crc
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise DiskError(
-            f"{'disk full: ' if full else ''}cannot write {path.name}: {e.strerror}",
-            where=str(path.parent),
-            hint="free space and rerun the same command: completed shards are kept" if full else None,
-        ) from e
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
-def copy_side_files(src: Path | None, out: Path, names: Sequence[str]) -> list[str]:
-    """Copy config/tokenizer files that exist in ``src`` into ``out``; return what was copied."""
-    copied = []
-    if src is None or not src.is_dir():
-        return copied
-    for name in names:
-        p = src / name
-        if p.is_file():
-            try:
-                shutil.copyfile(p, out / name)
-            except OSError as e:
-                full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-                raise DiskError(
-                    f"{'disk full: ' if full else ''}cannot copy {name}: {e.strerror}",
-                    where=str(out),
-                    hint="rerun the same command: completed shards are kept",
-                ) from e
-            copied.append(name)
-    return copied

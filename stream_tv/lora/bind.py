@@ -55,7 +55,9 @@ def bind_adapter(
     if base is None:
         return _bind_without_base(adapter, _Binder.complaint(adapter))
     binder = _Binder(adapter, base, config)
-    pending = [(m, *binder.resolve(m.name, "weight", f"LoRA module {m.name!r}")) for m in adapter.modules]
+    pending = [
+        (m, *binder.resolve(m.name, "weight", f"LoRA module {m.name!r}")) for m in adapter.modules
+    ]
     binder.note_layouts(pending)
     bound = [binder.module(m, key, tied) for m, key, tied in pending]
     saved = [binder.saved(s) for s in adapter.saved]
