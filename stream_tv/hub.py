@@ -174,8 +174,23 @@ def _repo_info(hf: Any, text: str, repo_id: str, revision: str | None, **kw: Any
         return hf.HfApi().model_info(repo_id, revision=revision, **kw)
     except hf_errors.HfHubHTTPError as e:  # the Hub answered: not found, gated, no revision
         raise _refusal(e, text, revision) or e from e
-    except Exception:  # subtle: requests and httpx connection errors share no base class
-        return None
+    except Exception as e:
+        if _network_error(e):
+            return None
+        raise
+
+
+_HTTP_STACK = {"httpx", "httpx2", "requests", "urllib3", "socket", "ssl"}
+
+
+def _network_error(e: BaseException) -> bool:
+    """A failure to reach the Hub (no network, DNS, proxy, TLS, timeout).
+
+    # subtle: requests' errors are OSErrors, httpx's are not; huggingface_hub has used both.
+    """
+    return isinstance(e, OSError) or any(
+        c.__module__.split(".")[0] in _HTTP_STACK for c in type(e).__mro__
+    )
 
 
 def read_headers(text: str, repo_id: str, revision: str | None) -> Checkpoint:
@@ -258,7 +273,9 @@ def _remote_header(
             response = session.get(
                 url, headers={**auth, "Range": f"bytes={first}-{last}"}, timeout=timeout
             )
-        except Exception as e:  # subtle: requests and httpx connection errors share no base
+        except Exception as e:
+            if not _network_error(e):
+                raise
             raise ReferenceNotFoundError(
                 f"could not read the header from the Hub ({type(e).__name__}: {e})", where=where
             ) from e

@@ -364,7 +364,7 @@ def load_config(path: str | os.PathLike) -> AdapterConfig:
     p = Path(path)
     if p.is_dir():
         p = p / CONFIG_NAME
-    if not p.is_file():
+    if not os.path.exists(p):  # anything else there (a FIFO, a directory) is refused by read_json
         raise AdapterError(
             f"no {CONFIG_NAME}",
             where=str(p.parent),
