@@ -516,6 +516,37 @@ def test_adapter_config_json_that_breaks_parsers_exits_2(tmp_path, text, message
     )
 
 
+def test_adapter_config_identity_is_recorded(tmp_path):
+    _, adapter = _base_and_adapter(tmp_path)
+    config = load_config(adapter)
+    path = adapter / "adapter_config.json"
+    assert config.source is not None and config.source.size == path.stat().st_size
+    assert str(path.resolve()) in config.source.line()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lora/adapter.py (not this branch): _read_model_config parses the base's config.json "
+    "with json.loads and catches only JSONDecodeError; use stream_tv.io.index.read_json",
+)
+def test_merge_with_a_deeply_nested_base_config_json_exits_2(tmp_path):
+    base, adapter = _base_and_adapter(tmp_path)
+    (base / "config.json").write_text(DEEP)
+    assert_refused(invoke("merge", base, adapter, "-o", tmp_path / "out", "-q"), "config.json")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lead (verify.py): verify parses the index with json.loads and does not catch "
+    "RecursionError; use stream_tv.io.index.read_json / parse_json",
+)
+def test_verify_of_a_deeply_nested_index_reports_it(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / INDEX_NAME).write_text(DEEP)
+    r = invoke("verify", tmp_path / "out")
+    assert r.exit_code in (2, 3) and "internal error" not in r.stderr, r.output
+
+
 def test_index_with_shards_in_a_subdirectory_is_read(tmp_path):
     d = tmp_path / "m"
     save_file({"a": torch.arange(3.0)}, str(raw_dir(d / "sub") / "x.safetensors"))

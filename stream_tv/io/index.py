@@ -211,7 +211,8 @@ def _not_regular(path: Path, mode: int) -> InputError:
     return InputError(
         f"is {_kind(mode)}, not a regular file",
         where=str(path),
-        hint="pass a directory holding .safetensors files, or a regular .safetensors file",
+        hint="inputs are read from regular files (or symbolic links to them); "
+        "put the file itself there",
     )
 
 

@@ -31,13 +31,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from ..errors import AdapterError
-from ..io.index import brief, check_depth, read_json
+from ..io.index import FileIdentity, brief, check_depth, read_json
 
 CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # real ones are a few kB
@@ -147,6 +147,8 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     where: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # adapter_config.json as read (path, size, mtime, sha256), for a resume fingerprint
+    source: FileIdentity | None = field(default=None, repr=False, compare=False)
     _rank_keys: PatternMatcher = field(init=False, repr=False, compare=False)
     _alpha_keys: PatternMatcher = field(init=False, repr=False, compare=False)
 
@@ -371,14 +373,14 @@ def load_config(path: str | os.PathLike) -> AdapterConfig:
             hint="an adapter directory holds adapter_config.json and adapter_model.safetensors, "
             "as written by `peft_model.save_pretrained(dir)`",
         )
-    data, _ = read_json(
+    data, identity = read_json(
         p,
         what=CONFIG_NAME,
         limit=MAX_CONFIG_BYTES,
         error=AdapterError,
         hint="re-save the adapter with `peft_model.save_pretrained(dir)`",
     )
-    return parse_config(data, where=str(p))
+    return replace(parse_config(data, where=str(p)), source=identity)
 
 
 def parse_config(data: Any, *, where: str | None = None) -> AdapterConfig:
