@@ -1,4 +1,4 @@
-"""Resolve a model reference to local files; the only module that imports huggingface_hub.
+"""Resolve a model reference to local files, or to its headers; Hub access lives in hub.py.
 
 A reference is, in this order of precedence:
 
@@ -20,12 +20,12 @@ import os
 import re
 from pathlib import Path
 
+from . import hub
 from .errors import ReferenceNotFoundError
+from .hub import HUB_PATTERNS
 from .io.index import Checkpoint, load_checkpoint
 
-# What a Hub download fetches: weights in safetensors, configs, and tokenizer files that
-# `merge` copies next to its output. Pickles (*.bin, *.pt, *.pth, *.pkl) are never fetched.
-HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.txt"]
+__all__ = ["HUB_PATTERNS", "open_checkpoint", "open_headers", "resolve", "split_hub_id"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[\w.\-]{1,96}(@[\w.\-/]+)?$")
 
@@ -38,69 +38,48 @@ def split_hub_id(reference: str) -> tuple[str, str | None] | None:
     return repo, (rev or None)
 
 
-def resolve(reference: str | os.PathLike, *, patterns: list[str] | None = None) -> Path:
-    """Return a local path (directory or file) for a reference, downloading if needed."""
+def _local(reference: str | os.PathLike) -> tuple[str, Path | None, tuple[str, str | None] | None]:
+    """``(text, local path or None, Hub id or None)``; refuses what is neither."""
     text = os.fspath(reference)
     path = Path(text).expanduser()
-    if path.exists():
-        return path
-    hub = split_hub_id(text)
-    if hub is None:
+    if os.path.lexists(path):  # a broken symbolic link is a local path, refused by the loader
+        return text, path, None
+    hub_id = split_hub_id(text)
+    if hub_id is None:
         raise ReferenceNotFoundError(
             "no such file or directory",
             where=text,
             hint="pass a local directory, a .safetensors file, or a Hub id like org/name[@revision]",
         )
-    return _download(text, *hub, patterns=patterns or HUB_PATTERNS)
+    return text, None, hub_id
 
 
-def _download(text: str, repo_id: str, revision: str | None, *, patterns: list[str]) -> Path:
-    try:
-        import huggingface_hub
-        from huggingface_hub import errors as hf_errors
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise ReferenceNotFoundError(
-            "is not a local path, and huggingface_hub is not installed to fetch it",
-            where=text,
-            hint="pip install huggingface_hub",
-        ) from e
-    try:
-        return Path(
-            huggingface_hub.snapshot_download(
-                repo_id=repo_id, revision=revision, allow_patterns=patterns
-            )
-        )
-    except hf_errors.GatedRepoError as e:
-        raise ReferenceNotFoundError(
-            "the Hub repository is gated",
-            where=text,
-            hint="accept its terms on the Hub and log in with `hf auth login`",
-        ) from e
-    except hf_errors.RepositoryNotFoundError as e:
-        raise ReferenceNotFoundError(
-            "not a local path, and no such Hub repository (or it is private)",
-            where=text,
-            hint="check the spelling, or log in with `hf auth login` for a private repository",
-        ) from e
-    except hf_errors.RevisionNotFoundError as e:
-        raise ReferenceNotFoundError(
-            f"the Hub repository has no revision {revision!r}", where=text
-        ) from e
-    except hf_errors.LocalEntryNotFoundError as e:
-        raise ReferenceNotFoundError(
-            "not a local path, and not in the Hugging Face cache"
-            + (" (HF_HUB_OFFLINE is set)" if _offline() else " (and the Hub cannot be reached)"),
-            where=text,
-            hint="download it first with `hf download` on a machine with network access",
-        ) from e
-    except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
-        raise ReferenceNotFoundError(f"could not fetch from the Hub: {e}", where=text) from e
+def resolve(reference: str | os.PathLike, *, patterns: list[str] | None = None) -> Path:
+    """Return a local path (directory or file) for a reference, downloading if needed.
 
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    ``patterns`` chooses the files of a Hub download (``snapshot_download``'s
+    ``allow_patterns``); by default the model's weight files and its side files.
+    """
+    text, path, hub_id = _local(reference)
+    if path is not None:
+        return path
+    return hub.download(text, *hub_id, patterns=patterns)
 
 
 def open_checkpoint(reference: str | os.PathLike) -> Checkpoint:
-    """Resolve a model reference and index it from its headers."""
+    """Resolve a model reference (downloading a Hub model) and index it from its headers."""
     return load_checkpoint(resolve(reference), reference=os.fspath(reference))
+
+
+def open_headers(reference: str | os.PathLike) -> Checkpoint:
+    """Index a model reference from its headers only, downloading no weights.
+
+    A local path is indexed as :func:`open_checkpoint` does. A Hub id is read in place: its
+    index and each shard's header through HTTP range requests (see
+    :func:`stream_tv.hub.read_headers`); the specs describe the files but cannot be read with
+    a Reader. For ``inspect``; commands that read tensors use :func:`open_checkpoint`.
+    """
+    text, path, hub_id = _local(reference)
+    if path is not None:
+        return load_checkpoint(path, reference=text)
+    return hub.read_headers(text, *hub_id)

@@ -20,34 +20,104 @@ and feeds a pinned buffer for a non-blocking copy to a GPU.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 from pathlib import Path
 
 import torch
 
-from ..errors import CorruptCheckpointError, ReferenceNotFoundError
-from .index import TensorSpec
+from ..errors import CorruptCheckpointError, InputError
+from .index import FileIdentity, TensorSpec, open_input, pread_exact
+
+_CHANGED_HINT = (
+    "it was modified or replaced while stream-tv was running; rerun the command once nothing "
+    "writes to it"
+)
 
 
 class Reader:
-    """Positioned reads from many files, one descriptor per file, safe across threads."""
+    """Positioned reads from many files, one descriptor per file, safe across threads.
+
+    A file is opened on its first read and checked against the :class:`FileIdentity` its
+    specs carry (recorded when the header was parsed): the same device, inode, size and
+    mtime, and the same header bytes. A file replaced or rewritten between planning and
+    reading is refused, never read as if it were the file that was planned.
+    """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._ids: dict[Path, FileIdentity | None] = {}
+        self._lock = threading.Lock()
 
-    def _fd(self, path: Path) -> int:
+    def _fd(self, spec: TensorSpec) -> int:
+        path = spec.file
         fd = self._fds.get(path)
         if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise ReferenceNotFoundError(f"cannot open: {e.strerror}", where=str(path)) from e
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self._fds[path] = fd
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._open(spec)
+                    self._ids[path] = spec.source
+                    self._fds[path] = fd
+        known = self._ids[path]
+        if spec.source is not known and spec.source is not None and spec.source != known:
+            raise CorruptCheckpointError(
+                f"changed since it was indexed: two reads of its header disagree "
+                f"(tensor {spec.name!r})",
+                where=str(path),
+                hint=_CHANGED_HINT,
+            )
         return fd
 
-    def read_into(self, spec: TensorSpec, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+    def _open(self, spec: TensorSpec) -> int:
+        source = spec.source
+        if source is not None and source.url is not None:
+            raise InputError(
+                f"tensor {spec.name!r} was indexed from the Hub's headers only ({source.url}); "
+                "its data is not on this machine",
+                where=str(spec.file),
+                hint="open the reference with refs.open_checkpoint to download it",
+            )
+        fd, st = open_input(path := spec.file)
+        try:
+            if source is not None:
+                changes = source.differences(st)
+                if not changes:
+                    head = pread_exact(fd, source.header_bytes, 0)
+                    if hashlib.sha256(head).hexdigest() != source.digest:
+                        changes = ["header bytes differ"]
+                if changes:
+                    raise CorruptCheckpointError(
+                        f"changed since it was indexed ({'; '.join(changes)})",
+                        where=str(path),
+                        hint=_CHANGED_HINT,
+                    )
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def check_unchanged(self) -> None:
+        """fstat every open file again: refuse one whose size or mtime changed since it was
+        indexed (written in place while it was read). Cheap; call it before declaring done."""
+        for path, fd in list(self._fds.items()):
+            source = self._ids.get(path)
+            if source is None:
+                continue
+            changes = source.differences(os.fstat(fd))
+            if changes:
+                raise CorruptCheckpointError(
+                    f"changed while it was read ({'; '.join(changes)})",
+                    where=str(path),
+                    hint=_CHANGED_HINT,
+                )
+
+    def read_into(
+        self, spec: TensorSpec, start: int, stop: int, buffer: torch.Tensor
+    ) -> torch.Tensor:
         """Read rows ``[start, stop)`` of ``spec`` into ``buffer`` (a uint8 CPU tensor).
 
         Returns a view of ``buffer`` with the tensor's dtype and shape
@@ -73,7 +143,7 @@ class Reader:
         return self.read_rows(spec, 0, spec.rows)
 
     def _pread(self, spec: TensorSpec, offset: int, target: memoryview) -> None:
-        fd = self._fd(spec.file)
+        fd = self._fd(spec)
         done = 0
         total = len(target)
         while done < total:
@@ -92,9 +162,11 @@ class Reader:
             done += n
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._ids.clear()
 
     def __enter__(self) -> Reader:
         return self

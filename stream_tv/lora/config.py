@@ -6,7 +6,8 @@ installed PEFT (``peft/tuners/lora/config.py``, ``model.py``, ``utils/other.py``
 
 - ``r`` and ``lora_alpha`` per module come from ``rank_pattern`` / ``alpha_pattern``: a pattern
   ``K`` applies to a module path ``m`` when ``re.match(rf"(.*\.)?({K})$", m)``; the first
-  matching key, in the file's order, wins; otherwise the global value.
+  matching key, in the file's order, wins; otherwise the global value. Matching is bounded in
+  time (see :class:`PatternMatcher`): a key that backtracks catastrophically is refused, named.
 - ``scaling = lora_alpha / r``, or ``lora_alpha / math.sqrt(r)`` with ``use_rslora``.
 
 >>> cfg = parse_config({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
@@ -25,15 +26,25 @@ import json
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from ..errors import AdapterError
+from ..io.index import FileIdentity, brief, check_depth, read_json
 
 CONFIG_NAME = "adapter_config.json"
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # real ones are a few kB
+# CPU seconds a rank_pattern / alpha_pattern key may spend matching one module name, and all
+# of them (ordinary keys take microseconds; a 47k-module MoE model needs a few ms per key)
+PATTERN_MATCH_LIMIT_S = 0.1
+PATTERN_BUDGET_S = 2.0
 
 # init_lora_weights values that only decide how A and B start; the saved factors are what
 # is merged. (``"eva"`` zeroes B at init and takes A from activations; loading a saved EVA
@@ -136,15 +147,29 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     where: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # adapter_config.json as read (path, size, mtime, sha256), for a resume fingerprint
+    source: FileIdentity | None = field(default=None, repr=False, compare=False)
+    _rank_keys: PatternMatcher = field(init=False, repr=False, compare=False)
+    _alpha_keys: PatternMatcher = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        matchers = {
+            "_rank_keys": PatternMatcher(self.rank_pattern, field="rank_pattern", where=self.where),
+            "_alpha_keys": PatternMatcher(
+                self.alpha_pattern, field="alpha_pattern", where=self.where
+            ),
+        }
+        for name, matcher in matchers.items():
+            object.__setattr__(self, name, matcher)  # frozen: built once, here
 
     def rank_for(self, module: str) -> int:
         """``r`` of one module: the first ``rank_pattern`` key matching ``module``, else ``r``."""
-        key = pattern_key(self.rank_pattern, module)
+        key = self._rank_keys.key_for(module)
         return self.rank_pattern[key] if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
         """``lora_alpha`` of one module, through ``alpha_pattern`` like :meth:`rank_for`."""
-        key = pattern_key(self.alpha_pattern, module)
+        key = self._alpha_keys.key_for(module)
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scaling_for(self, module: str) -> float:
@@ -165,6 +190,7 @@ def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     """The first key of ``patterns`` that matches ``module`` as PEFT's ``get_pattern_key``.
 
     A key matches when the module path ends with it at a ``.`` boundary (the key is a regex).
+    Time-bounded like :class:`PatternMatcher` (a fresh budget per call).
 
     >>> pattern_key({"q_proj": 4, "layers.1.v_proj": 2}, "model.layers.1.v_proj")
     'layers.1.v_proj'
@@ -173,10 +199,166 @@ def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     >>> pattern_key({r"layers\\.[01]\\..*proj": 4}, "model.layers.1.v_proj")
     'layers\\\\.[01]\\\\..*proj'
     """
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    return PatternMatcher(patterns).key_for(module)
+
+
+class _PatternTimeout(Exception):
+    """Raised by the CPU timer's signal handler inside ``re.match``."""
+
+
+def _on_timer(signum: int, frame: Any) -> None:
+    raise _PatternTimeout
+
+
+# The same rule in a bare child interpreter, for calls from threads other than the main one
+# (only the main thread runs signal handlers). Reads {"keys", "left", "module"} on stdin;
+# prints {"found": i or null, "spent": [...]} or {"timeout": i, "spent": [...]}.
+_CHILD = r"""
+import json, re, signal, sys
+class T(Exception): pass
+def on(*a): raise T
+signal.signal(signal.SIGVTALRM, on)
+q = json.load(sys.stdin)
+out = {"found": None, "spent": [0.0] * len(q["keys"])}
+for i, (key, left) in enumerate(zip(q["keys"], q["left"])):
+    signal.setitimer(signal.ITIMER_VIRTUAL, left)
+    try:
+        try:
+            m = re.match(r"(.*\.)?(" + key + r")$", q["module"])
+        finally:
+            rest = signal.setitimer(signal.ITIMER_VIRTUAL, 0)[0]
+            out["spent"][i] = left - rest if rest else left
+    except T:
+        out["timeout"] = i
+        break
+    if m:
+        out["found"] = i
+        break
+print(json.dumps(out))
+"""
+
+
+class PatternMatcher:
+    """PEFT's ``get_pattern_key`` over the keys of a ``rank_pattern`` / ``alpha_pattern``,
+    with the time it may take bounded.
+
+    The rule is PEFT's, run by the same engine: key ``K`` matches module ``m`` when
+    ``re.match(rf"(.*\\.)?({K})$", m)``; the first matching key in the file's order wins.
+    ``re`` cannot be given a timeout, but it checks for signals while it backtracks: a CPU
+    timer (``ITIMER_VIRTUAL``) interrupts it. Each key may spend :data:`PATTERN_MATCH_LIMIT_S`
+    CPU seconds on one module and :data:`PATTERN_BUDGET_S` on all of them; a key that
+    backtracks catastrophically, such as ``([a-z_.0-9]|[a-z_.0-9])*!``, on which PEFT itself
+    would hang, is refused, named, within ``PATTERN_MATCH_LIMIT_S``. Results are cached per
+    module.
+
+    # subtle: only the main thread runs signal handlers. Called from another thread (or while
+    # the process already uses a virtual timer), the match runs in a bare child interpreter
+    # (``python -I -S``, ~20 ms per module) under the same timer.
+
+    # subtle: the ``regex`` module has a timeout, but it expands counted repeats when it
+    # compiles (``a{1000000}`` takes 2 s and 270 MB; ``((a{1000}){1000}){1000}`` exhausts
+    # memory) and its Unicode classes differ from ``re``'s; ``re`` compiles both instantly.
+
+    >>> m = PatternMatcher({"q_proj": 4, r"layers\\.1\\..*": 2})
+    >>> m.key_for("model.layers.1.self_attn.q_proj"), m.key_for("model.layers.1.mlp.up_proj")
+    ('q_proj', 'layers\\\\.1\\\\..*')
+    """
+
+    def __init__(
+        self,
+        patterns: Mapping[str, Any],
+        *,
+        field: str = "rank_pattern",
+        where: str | None = None,
+        limit: float = PATTERN_MATCH_LIMIT_S,
+        budget: float = PATTERN_BUDGET_S,
+    ) -> None:
+        self.field, self.where, self.limit, self.budget = field, where, limit, budget
+        self._compiled: dict[str, re.Pattern[str]] = {}
+        for key in patterns:
+            try:
+                self._compiled[key] = re.compile(rf"(.*\.)?({key})$")
+            except (re.error, RecursionError, OverflowError, ValueError) as e:
+                raise self._bad(f"key {brief(key)} is not a valid regular expression ({e})") from e
+        self._spent = dict.fromkeys(self._compiled, 0.0)
+        self._cache: dict[str, str | None] = {}
+        self._lock = threading.Lock()
+
+    def _bad(self, message: str, hint: str | None = None) -> AdapterError:
+        return AdapterError(
+            f"{CONFIG_NAME} field {self.field!r}: {message}", where=self.where, hint=hint
+        )
+
+    def key_for(self, module: str) -> str | None:
+        """The first key matching ``module``, or None."""
+        if not self._compiled:
+            return None
+        with self._lock:
+            if module not in self._cache:
+                in_main = threading.current_thread() is threading.main_thread()
+                timer_free = hasattr(signal, "setitimer") and not any(
+                    signal.getitimer(signal.ITIMER_VIRTUAL)
+                )
+                match = self._match_here if in_main and timer_free else self._match_in_child
+                self._cache[module] = match(module)
+            return self._cache[module]
+
+    def _match_here(self, module: str) -> str | None:
+        previous = signal.signal(signal.SIGVTALRM, _on_timer)
+        try:
+            for key, compiled in self._compiled.items():
+                left = min(self.limit, self.budget - self._spent[key])
+                if left <= 0:
+                    raise self._too_slow(key, module)
+                signal.setitimer(signal.ITIMER_VIRTUAL, left)
+                try:
+                    try:
+                        matched = compiled.match(module) is not None
+                    finally:
+                        rest = signal.setitimer(signal.ITIMER_VIRTUAL, 0)[0]
+                        self._spent[key] += left - rest if rest else left
+                except _PatternTimeout:
+                    raise self._too_slow(key, module) from None
+                if matched:
+                    return key
+            return None
+        finally:
+            signal.signal(signal.SIGVTALRM, previous)
+
+    def _match_in_child(self, module: str) -> str | None:
+        keys = list(self._compiled)
+        left = [max(min(self.limit, self.budget - self._spent[k]), 1e-6) for k in keys]
+        query = json.dumps({"keys": keys, "left": left, "module": module})
+        try:
+            done = subprocess.run(
+                [sys.executable, "-I", "-S", "-c", _CHILD],
+                input=query,
+                capture_output=True,
+                text=True,
+                timeout=sum(left) + 10,  # CPU bounds inside; this one is for a stuck child
+                check=True,
+            )
+            answer = json.loads(done.stdout)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            raise self._bad(
+                f"matching its keys against module {brief(module)} in a helper process "
+                f"failed ({type(e).__name__}: {str(e)[:200]})",
+                "call stream_tv from the main thread, where no helper is needed",
+            ) from e
+        for key, spent in zip(keys, answer["spent"], strict=True):
+            self._spent[key] += spent
+        if "timeout" in answer:
+            raise self._too_slow(keys[answer["timeout"]], module)
+        return None if answer["found"] is None else keys[answer["found"]]
+
+    def _too_slow(self, key: str, module: str) -> AdapterError:
+        return self._bad(
+            f"key {brief(key)} takes too long to match module names (over {self.limit} s of CPU "
+            f"for {brief(module)}, or {self.budget} s for all): it backtracks catastrophically, "
+            "and PEFT would hang on it too",
+            "rewrite the pattern without nested or overlapping repetition, "
+            "e.g. `(a|a)*` as `a*`, or list the module names",
+        )
 
 
 def load_config(path: str | os.PathLike) -> AdapterConfig:
@@ -184,28 +366,28 @@ def load_config(path: str | os.PathLike) -> AdapterConfig:
     p = Path(path)
     if p.is_dir():
         p = p / CONFIG_NAME
-    if not p.is_file():
+    if not os.path.exists(p):  # anything else there (a FIFO, a directory) is refused by read_json
         raise AdapterError(
             f"no {CONFIG_NAME}",
             where=str(p.parent),
             hint="an adapter directory holds adapter_config.json and adapter_model.safetensors, "
             "as written by `peft_model.save_pretrained(dir)`",
         )
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(
-            f"{CONFIG_NAME} is not valid JSON ({e})",
-            where=str(p),
-            hint="re-save the adapter with `peft_model.save_pretrained(dir)`",
-        ) from e
-    return parse_config(data, where=str(p))
+    data, identity = read_json(
+        p,
+        what=CONFIG_NAME,
+        limit=MAX_CONFIG_BYTES,
+        error=AdapterError,
+        hint="re-save the adapter with `peft_model.save_pretrained(dir)`",
+    )
+    return replace(parse_config(data, where=str(p)), source=identity)
 
 
 def parse_config(data: Any, *, where: str | None = None) -> AdapterConfig:
     """Validate an ``adapter_config.json`` object; refuse what the merge cannot honour."""
     if not isinstance(data, dict):
         raise AdapterError(f"{CONFIG_NAME} is not a JSON object", where=where)
+    check_depth(data, where=where or CONFIG_NAME, what=CONFIG_NAME, error=AdapterError)
 
     def bad(name: str, message: str, hint: str | None = None) -> AdapterError:
         return AdapterError(f"{CONFIG_NAME} field {name!r}: {message}", where=where, hint=hint)
@@ -299,19 +481,39 @@ def _is_set(value: Any) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    try:
+        text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    except (ValueError, RecursionError):  # an int over the digit limit; nesting is checked
+        text = brief(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# A rank is a tensor dimension (lora_A.shape[0]): a signed 64-bit integer.
+_MAX_RANK = 2**63 - 1
 
 
 def _positive_int(value: Any, name: str, bad) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise bad(name, f"{_short(value)} is not a positive integer")
+    if value > _MAX_RANK:
+        raise bad(name, f"{_short(value)} is larger than any tensor dimension (2**63 - 1)")
     return value
 
 
 def _number(value: Any, name: str, bad) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite int or float, kept as written (PEFT divides it as Python does).
+
+    # subtle: JSON ``1e400`` parses as ``inf``; an integer of 400 digits parses exactly, but
+    # ``alpha / r`` then raises OverflowError: both are refused here.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad(name, f"{_short(value)} is not a finite number")
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise bad(name, f"{_short(value)} is not a finite number (a float64 holds up to 1.8e308)")
     return value
 
 
@@ -322,13 +524,9 @@ def _pattern(value: Any, name: str, bad, *, rank: bool) -> dict:
         raise bad(name, f"{_short(value)} is not an object of pattern -> value")
     out = {}
     for key, v in value.items():
-        try:
-            re.compile(key)
-        except re.error as e:
-            raise bad(name, f"key {key!r} is not a valid regular expression ({e})") from e
         out[key] = (
-            _positive_int(v, f"{name}[{key!r}]", bad)
+            _positive_int(v, f"{name}[{brief(key)}]", bad)
             if rank
-            else _number(v, f"{name}[{key!r}]", bad)
+            else _number(v, f"{name}[{brief(key)}]", bad)
         )
     return out
