@@ -230,6 +230,7 @@ def run(
             pipe.join()
         if pipe.errors:
             raise pipe.errors[0]
+        pipe.reader.check_unchanged()  # no input written while it was read: else all is void
     except BaseException as e:
         pipe.stop()
         if sink is not None:

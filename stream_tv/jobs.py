@@ -6,7 +6,8 @@ returns a :class:`Job`, and that reads no tensor data. The job says
 - ``tasks``: one :class:`~stream_tv.engine.Task` per output tensor (or tensor to analyse);
 - ``checks``: tasks that write nothing and run first (e.g. integer buffers must be equal),
   so a refusal that depends on data comes before any output file exists;
-- ``inputs``: the input files and directories (never written; their identity keys a resume);
+- ``sources``: the input checkpoints and adapters (never written; their identity keys a
+  resume);
 - ``output``: where the tasks' outputs go, with the provenance recorded in the index and the
   side files to copy;
 - ``doubts``: what our own index records about an input that says it is the wrong kind
@@ -40,7 +41,7 @@ import torch
 from . import __version__, engine
 from .engine import RunStats, Sink, Task
 from .errors import DiskError, InputError, Interrupted, MismatchError
-from .io.index import Checkpoint
+from .io.index import Checkpoint, FileIdentity, identity_of
 from .io.writer import (
     OutputPlan,
     ShardWriter,
@@ -105,11 +106,22 @@ class Job(Generic[R]):
     command: str
     tasks: list[Task]
     result: Callable[[Outcome], R]
-    inputs: Sequence[Path] = ()  # input files and directories: never written
+    sources: Sequence[Any] = ()  # the input checkpoints and adapters: never written
     checks: list[Task] = field(default_factory=list)
     output: Output | None = None
     doubts: list[InputError] = field(default_factory=list)  # refused unless options.force
     description: str | None = None  # progress-bar label (default: the command)
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Every input file and directory (output locations must not overlap them)."""
+        return [p for src in self.sources for p in _paths_of(src)]
+
+    @property
+    def identity(self) -> str:
+        """Every input file as it was indexed (path, size, mtime, header sha256): a resume
+        whose inputs changed, even with size and mtime kept, is refused."""
+        return identity_of(s for src in self.sources for s in _sources_of(src))
 
 
 def run_job(job: Job[R], options: RunOptions) -> R:
@@ -182,7 +194,7 @@ def _write(
     fingerprint = plan.fingerprint(
         repr(sorted((k, str(v)) for k, v in metadata.items() if k != "stream_tv_version"))
         + f"\non_nonfinite={on_nonfinite}\n"
-        + _inputs_identity(job.inputs)
+        + job.identity
     )
     writer = ShardWriter(
         out.path,
@@ -222,20 +234,6 @@ def _write(
     }
 
 
-def _inputs_identity(inputs: Sequence[Path]) -> str:
-    """Path, size and modification time of every input file, for the resume fingerprint: a
-    rerun whose inputs were replaced (same names, other bytes) must not resume."""
-    parts = []
-    for p in inputs:
-        try:
-            st = p.stat()
-        except OSError:
-            continue
-        if p.is_file():
-            parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    return "\n".join(sorted(parts))
-
-
 def _check_free_space(out: Path, plan: OutputPlan, completed: dict[int, int]) -> None:
     """Refuse before writing when the output's file system cannot hold the shards still to
     write (shards completed by an interrupted run are already there)."""
@@ -260,17 +258,24 @@ def _json_value(v: object) -> object:
     return str(v)
 
 
-def input_paths(*ckpts: Checkpoint) -> list[Path]:
-    """The files and directories of checkpoints, as ``Output.inputs`` wants them."""
-    paths: list[Path] = []
-    for c in ckpts:
-        paths.extend(c.files)
+def _paths_of(src: Any) -> list[Path]:
+    """A checkpoint's files and directory, or an adapter's files and directory."""
+    if isinstance(src, Checkpoint):
+        paths = list(src.files)
         single_file = (
-            c.reference.endswith(".safetensors") and Path(c.reference).expanduser().is_file()
+            src.reference.endswith(".safetensors") and Path(src.reference).expanduser().is_file()
         )
-        if c.root is not None and not single_file:  # a file's directory is not an input
-            paths.append(c.root)
-    return paths
+        if src.root is not None and not single_file:  # a file's directory is not an input
+            paths.append(src.root)
+        return paths
+    return [src.weights_file, src.path / "adapter_config.json", src.path]  # an Adapter
+
+
+def _sources_of(src: Any) -> list[FileIdentity]:
+    if isinstance(src, Checkpoint):
+        return list(src.sources.values())
+    found = [s.source for s in src.tensors.values() if s.source is not None]  # an Adapter
+    return found + ([src.config.source] if src.config.source is not None else [])
 
 
 # ---- what writing commands return -------------------------------------------------------------

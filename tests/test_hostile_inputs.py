@@ -29,11 +29,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import save_checkpoint
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from stream_tv import api
+from stream_tv.commands import extract as extract_command
 from stream_tv.cli import cli
 from stream_tv.errors import AdapterError, CorruptCheckpointError, InputError, StreamTVError
 from stream_tv.io.index import INDEX_NAME, load_checkpoint, read_header
@@ -169,11 +169,6 @@ def test_shape_no_tensor_can_have_is_refused_at_header_parse(tmp_path, shape, re
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead (engine.py): an empty tensor must be processed as one empty step whatever "
-    "its first dimension; today extract loops over 2**62 row chunks (hang, RSS grows)",
-)
 def test_extract_of_a_huge_empty_tensor_finishes(tmp_path):
     for name in ("base", "ft"):
         raw_file(tmp_path / name / "model.safetensors", {"w": empty([2**62, 0])})
@@ -278,10 +273,14 @@ def _compiles(key: str) -> bool:
 @settings(max_examples=400, deadline=None)
 @given(keys=st.lists(_keys().filter(_compiles), max_size=4, unique=True), module=_modules)
 def test_bounded_matching_is_re_matching(keys, module):
-    """The first key by PEFT's rule (``re.match(rf"(.*\\.)?({k})$", m)``), exactly."""
-    assert PatternMatcher(dict.fromkeys(keys, 1)).key_for(module) == _first_match_by_re(
-        keys, module
-    )
+    """The first key by PEFT's rule (``re.match(rf"(.*\\.)?({k})$", m)``), exactly, for every
+    pattern the bound lets through (hypothesis also draws catastrophic ones, refused here)."""
+    try:
+        got = PatternMatcher(dict.fromkeys(keys, 1)).key_for(module)
+    except AdapterError as e:
+        assume("takes too long to match" not in str(e))
+        raise
+    assert got == _first_match_by_re(keys, module)
 
 
 @settings(max_examples=15, deadline=None)
@@ -342,18 +341,12 @@ def _fifo(path: Path) -> Path:
     return path
 
 
-_ADAPTER_WEIGHTS_FIFO = pytest.mark.xfail(
-    strict=True,
-    reason="lora/adapter.py (not this branch): Adapter.load tests weights.is_file(), so a FIFO "
-    "reads as 'no adapter_model.safetensors' (refused, but misnamed); test os.path.exists "
-    "there and let read_header refuse what is not a regular file",
-)
 
 
 @pytest.mark.parametrize(
     "layout",
     ["file-in-dir", "given-directly", "index", "shard-named-by-index", "adapter-config",
-     pytest.param("adapter-weights", marks=_ADAPTER_WEIGHTS_FIFO)],
+     "adapter-weights"],
 )  # fmt: skip
 def test_fifo_input_is_refused_not_waited_for(tmp_path, layout):
     d = tmp_path / "m"
@@ -524,22 +517,12 @@ def test_adapter_config_identity_is_recorded(tmp_path):
     assert str(path.resolve()) in config.source.line()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lora/adapter.py (not this branch): _read_model_config parses the base's config.json "
-    "with json.loads and catches only JSONDecodeError; use stream_tv.io.index.read_json",
-)
 def test_merge_with_a_deeply_nested_base_config_json_exits_2(tmp_path):
     base, adapter = _base_and_adapter(tmp_path)
     (base / "config.json").write_text(DEEP)
     assert_refused(invoke("merge", base, adapter, "-o", tmp_path / "out", "-q"), "config.json")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead (verify.py): verify parses the index with json.loads and does not catch "
-    "RecursionError; use stream_tv.io.index.read_json / parse_json",
-)
 def test_verify_of_a_deeply_nested_index_reports_it(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / INDEX_NAME).write_text(DEEP)
@@ -741,7 +724,7 @@ def test_checkpoint_identity_is_stable_and_names_every_file(tmp_path):
 def test_extract_refuses_a_shard_replaced_between_planning_and_reading(tmp_path, monkeypatch):
     b = save_checkpoint(tmp_path / "b", {"w": torch.ones(8, 8), "v": torch.ones(3)}, shards=2)
     f = save_checkpoint(tmp_path / "f", {"w": torch.ones(8, 8) * 2, "v": torch.ones(3)}, shards=2)
-    real = api.open_checkpoint
+    real = extract_command.open_checkpoint
 
     def open_then_replace(reference):
         ckpt = real(reference)
@@ -749,7 +732,7 @@ def test_extract_refuses_a_shard_replaced_between_planning_and_reading(tmp_path,
             _replace_atomically(f / "model-00001-of-00002.safetensors", {"w": torch.ones(8, 8) * 3})
         return ckpt
 
-    monkeypatch.setattr(api, "open_checkpoint", open_then_replace)
+    monkeypatch.setattr(extract_command, "open_checkpoint", open_then_replace)
     r = invoke("extract", b, f, "-o", tmp_path / "tv", "-q")
     assert_refused(r, "model-00001-of-00002.safetensors", "changed since it was indexed")
     assert not (tmp_path / "tv" / INDEX_NAME).exists()

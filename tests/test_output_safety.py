@@ -302,3 +302,41 @@ def test_ctrl_c_at_any_moment_is_exit_130_without_traceback(models, tmp_path, de
     _, err = p.communicate(timeout=60)
     assert p.returncode == EXIT_INTERRUPTED, err
     assert b"Traceback" not in err and b"interrupted" in err
+
+
+def test_a_resume_after_an_input_changed_with_size_and_mtime_kept_is_refused(tmp_path, monkeypatch):
+    """The fingerprint holds each input's header digest: an input rewritten in place, same
+    size and mtime, is another input, and its run another run (no mixed output)."""
+    from stream_tv import engine
+
+    g = torch.Generator().manual_seed(1)
+    base = {f"t{i}": torch.randn(64, 64, generator=g) for i in range(6)}
+    save_checkpoint(tmp_path / "base", base, shards=2)
+    ft = {k: v * 1.5 for k, v in base.items()}
+    save_checkpoint(tmp_path / "ft", ft, shards=2)
+    out, opts = tmp_path / "tv", [*Q, "--max-shard-size", "20KB", "--chunk-size", "8KB"]
+    calls = {"n": 0}
+    real = engine._check_finite
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_check_finite", interrupt)
+        assert run("extract", tmp_path / "base", tmp_path / "ft", "-o", out, *opts).exit_code == 130
+    assert list(out.glob("model-*.safetensors"))  # some shards are complete
+    shard = tmp_path / "ft" / "model-00002-of-00002.safetensors"
+    st = shard.stat()
+    raw = bytearray(shard.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + n].decode()
+    raw[8 : 8 + n] = (
+        header.replace('"t3"', '"t9"').replace('"t4"', '"t3"').replace('"t9"', '"t4"').encode()
+    )
+    shard.write_bytes(bytes(raw))  # the same size: two tensors' names swapped
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = run("extract", tmp_path / "base", tmp_path / "ft", "-o", out, *opts)
+    assert r.exit_code == EXIT_BAD_INPUT and "unfinished run of a different command" in r.stderr

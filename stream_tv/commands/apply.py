@@ -24,7 +24,7 @@ from .. import engine, ops, validate
 from ..errors import InputError
 from ..io.index import Checkpoint, TensorSpec
 from ..io.writer import OutTensor
-from ..jobs import Job, Outcome, Output, WriteResult, input_paths, run_job, written
+from ..jobs import Job, Outcome, Output, WriteResult, run_job, written
 from ..options import RunOptions
 from ..refs import open_checkpoint
 
@@ -100,7 +100,7 @@ def plan_apply(
         "apply",
         tasks,
         result,
-        inputs=input_paths(b, *tvs),
+        sources=[b, *tvs],
         output=Output(out, "apply", provenance, side_files_from=b.root),
         doubts=doubts,
     )

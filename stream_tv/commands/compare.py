@@ -25,13 +25,12 @@ from .. import engine, ops, validate
 from ..errors import InputError
 from ..io.index import Checkpoint, TensorSpec
 from ..io.outdir import check_output_file, write_file
-from ..jobs import Job, Outcome, input_paths, run_job
+from ..jobs import Job, Outcome, run_job
 from ..lora import Adapter, MergePlan, TensorMerge
 from ..options import RunOptions
 from ..refs import open_checkpoint
 from ..report import CompareReport
 from ..stats import TensorAccumulator
-from .merge import adapter_paths
 
 
 def compare(
@@ -162,10 +161,8 @@ def plan_compare(
             doubts += validate.provenance(ckpt, expected="model", given_as=flag)
     for tv in tvs:
         doubts += validate.provenance(tv, expected="task vector", given_as="--task-vector")
-    inputs = input_paths(*(c for c in (b, f, *tvs) if c is not None))
-    if adapter is not None:
-        inputs += adapter_paths([adapter])
-    return Job("compare", [_task(s) for s in sources], result, inputs=inputs, doubts=doubts)
+    given = [c for c in (b, f, *tvs, adapter) if c is not None]
+    return Job("compare", [_task(s) for s in sources], result, sources=given, doubts=doubts)
 
 
 def _check_inputs(b, f, adapter, tvs) -> None:

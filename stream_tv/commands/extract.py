@@ -25,7 +25,7 @@ from .. import engine, ops, validate
 from ..errors import MismatchError
 from ..io.index import Checkpoint, TensorSpec, dtype_name
 from ..io.writer import OutTensor
-from ..jobs import Job, Outcome, Output, WriteResult, check_output, input_paths, run_job, written
+from ..jobs import Job, Outcome, Output, WriteResult, check_output, run_job, written
 from ..options import RunOptions
 from ..refs import open_checkpoint
 
@@ -63,8 +63,9 @@ def extract_task_vector(
         names, _ = validate.key_sets(
             b, f, allow_missing=allow_missing, other_label="fine-tuned model"
         )
-        check_output(Path(out), input_paths(b, f))  # before the scan reads any data
-        skip = run_job(plan_unchanged_scan(b, f, _float_names(b, f, names)), options)
+        scan = plan_unchanged_scan(b, f, _float_names(b, f, names))
+        check_output(Path(out), scan.inputs)  # before the scan reads any data
+        skip = run_job(scan, options)
     job = plan_extract(b, f, Path(out), dtype=dtype, allow_missing=allow_missing, skip=skip)
     return run_job(job, options)
 
@@ -130,7 +131,7 @@ def plan_extract(
         "extract",
         tasks,
         result,
-        inputs=input_paths(b, f),
+        sources=[b, f],
         checks=checks,
         output=Output(out, "extract", provenance, empty_hint=why_empty),
         doubts=[
@@ -157,6 +158,7 @@ def plan_unchanged_scan(b: Checkpoint, f: Checkpoint, names: Sequence[str]) -> J
         "scan",
         [task(n) for n in names],
         lambda _: [n for n in names if equal_so_far.get(n, True)],
+        sources=[b, f],
         description="scanning",
     )
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io.index import TensorSpec
-from ..refs import open_checkpoint
+from ..refs import open_headers
 
 
 @dataclass
@@ -52,8 +52,9 @@ def _count_dtypes(specs: Sequence[TensorSpec]) -> dict[str, dict[str, int]]:
 
 
 def inspect(reference: str | os.PathLike) -> InspectResult:
-    """Tensors, dtypes, shapes, sizes and shards of a checkpoint, from headers only."""
-    ckpt = open_checkpoint(reference)
+    """Tensors, dtypes, shapes, sizes and shards of a checkpoint, from headers only (a Hub
+    model's headers are read in place: no weight is downloaded)."""
+    ckpt = open_headers(reference)
     return InspectResult(
         ckpt.reference,
         ckpt.files,

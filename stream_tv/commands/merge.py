@@ -33,9 +33,8 @@ from .. import engine, ops, validate
 from ..errors import InputError
 from ..io.index import Checkpoint, TensorSpec, dtype_name
 from ..io.writer import OutTensor
-from ..jobs import Job, Outcome, Output, WriteResult, input_paths, run_job, written
+from ..jobs import Job, Outcome, Output, WriteResult, run_job, written
 from ..lora import PRECISIONS, Adapter, MergePlan, TensorMerge
-from ..lora.config import CONFIG_NAME
 from ..options import RunOptions
 from ..refs import open_checkpoint
 from .apply import apply_task
@@ -126,7 +125,7 @@ def plan_merge(
         "merge",
         tasks,
         result,
-        inputs=[*input_paths(b), *adapter_paths(adapters)],
+        sources=[b, *adapters],
         output=Output(out, "merge", provenance, side_files_from=b.root),
         doubts=[
             *validate.provenance(b, expected="model", given_as="BASE"),
@@ -228,7 +227,7 @@ def plan_lora_delta(
         "lora-delta",
         tasks,
         result,
-        inputs=[*(input_paths(base) if base is not None else []), *adapter_paths([ad])],
+        sources=[*([base] if base is not None else []), ad],
         output=Output(
             out, "lora-delta", provenance, empty_hint="the adapter changes no tensor of the base"
         ),
@@ -290,11 +289,3 @@ def bind_all(
     if len(plans) == 1 and weights[0] == 1.0:
         return plans[0]
     return MergePlan.combine(list(zip(plans, weights, strict=True)))
-
-
-def adapter_paths(adapters: Sequence[Adapter]) -> list[Path]:
-    """The files and directory of each adapter, as ``Output.inputs`` wants them."""
-    paths: list[Path] = []
-    for a in adapters:
-        paths += [a.weights_file, a.path / CONFIG_NAME, a.path]
-    return paths

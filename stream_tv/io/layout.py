@@ -9,12 +9,11 @@ every shard has a recorded checksum. What is wrong goes to a list of problems, s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CorruptCheckpointError, ReferenceNotFoundError
-from .index import INDEX_NAME, TensorSpec, read_header
+from ..errors import CorruptCheckpointError, ReferenceNotFoundError, StreamTVError
+from .index import INDEX_NAME, MAX_INDEX_BYTES, TensorSpec, read_header, read_json
 from .outdir import STATE_DIR, STATE_FILE, is_temporary
 from .writer import CHECKSUMS_KEY
 
@@ -56,9 +55,9 @@ def read_layout(out: Path, problems: list[str]) -> Layout:
             problems.append(f"no {INDEX_NAME}: not a finished output (the index is written last)")
         return layout
     try:
-        data = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        problems.append(f"{INDEX_NAME} is not valid JSON ({e})")
+        data, _ = read_json(index, what=INDEX_NAME, limit=MAX_INDEX_BYTES)
+    except StreamTVError as e:
+        problems.append(e.message)
         return layout
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, StreamTVError
-from ..io.index import Checkpoint, TensorSpec, read_header
+from ..io.index import Checkpoint, TensorSpec, check_finished, read_header
 from .config import CONFIG_NAME, AdapterConfig, load_config
 from .keys import parse_adapter_key
 
@@ -122,8 +122,11 @@ class Adapter:
         path = resolve(text, patterns=ADAPTER_PATTERNS)
         if path.is_file():
             path = path.parent
+        check_finished(path)
         weights = path / WEIGHTS_NAME
-        if not weights.is_file():
+        # lexists, not is_file: a FIFO or a device there is refused by read_header as what
+        # it is, not reported missing.
+        if not os.path.lexists(weights):
             if (path / PICKLE_NAME).is_file():
                 raise AdapterError(
                     f"{PICKLE_NAME} is a pickle; only {WEIGHTS_NAME} is read",

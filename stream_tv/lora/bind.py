@@ -9,7 +9,7 @@ per base tensor the adapter touches.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
-from ..io.index import Checkpoint
+from ..io.index import MAX_INDEX_BYTES, Checkpoint, read_json
 from .adapter import Adapter, LoraModule, SavedTensor
 from .keys import base_key_for, input_embedding_key, is_output_head, top_prefixes
 from .plan import MergePlan, Step, TensorMerge, step_order
@@ -32,12 +32,9 @@ def _read_model_config(base: Checkpoint | None) -> dict[str, Any]:
     if base is None or base.root is None:
         return {}
     path = Path(base.root) / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
+    data, _ = read_json(path, what="config.json", limit=MAX_INDEX_BYTES)
     return data if isinstance(data, dict) else {}
 
 
