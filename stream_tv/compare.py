@@ -160,7 +160,8 @@ def compare(
         "non_float_skipped": non_float,
         **({"adapter_config": adapter_info} if adapter_info else {}),
     }
-    return CompareReport(inputs=inputs, tensors=results)
+    mode = "task_vectors" if len(tvs) == 2 else ("adapter" if adapter is not None else "none")
+    return CompareReport(inputs=inputs, tensors=results, mode=mode)
 
 
 def _adapter_summary(ad) -> dict:

@@ -29,6 +29,17 @@ from typing import Any
 import torch
 
 from stream_tv.errors import InputError, MismatchError
+from stream_tv.floats import (
+    BITS_OF,
+    EMPTY_EXPONENT,
+    add_scaled,
+    combine_scaled,
+    half_ulp,
+    ldexp,
+    scaled_dots,
+    scaled_pair,
+    sqrt_of_scaled,
+)
 from stream_tv.ops import blocks
 
 __all__ = [
@@ -119,50 +130,8 @@ class TensorComparison:
         return cls(**{n: data[n] for n in names})
 
 
-#: Finetuned dtypes with a rounding bound, and the same-size integer dtype to read their bits.
-_BITS_OF = {
-    torch.bfloat16: torch.int16,
-    torch.float16: torch.int16,
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-}
-
-
 # Elements per block of the statistics passes on CPU (float64: 1 MiB per operand).
 STATS_BLOCK = 1 << 17
-
-
-def half_ulp(x: torch.Tensor) -> torch.Tensor:
-    """Half an ulp of every element of ``x`` in its own dtype, as float64 (vectorised).
-
-    This is the largest error of rounding a real number to the nearest value of ``x``'s
-    dtype that lands on ``x``. The ulp is the spacing from ``|x|`` to the next representable
-    value away from zero: ``2**(e - p)`` for ``|x| = m * 2**e`` with ``m`` in ``[0.5, 1)`` and
-    ``p`` significand bits (bf16 8, fp16 11, fp32 24, fp64 53); zero and subnormals have the
-    subnormal spacing. Non-finite elements get ``inf``. Supports bf16, fp16, fp32 and fp64
-    (fp64 subnormals get ``2**-1022``, a harmless overestimate).
-
-    >>> half_ulp(torch.tensor([1.0, 3.0, 0.0], dtype=torch.bfloat16)).tolist()
-    [0.00390625, 0.0078125, 4.591774807899561e-41]
-    >>> half_ulp(torch.tensor([1.0], dtype=torch.float16)).tolist() == [2.0**-11]
-    True
-    """
-    if x.dtype not in _BITS_OF:
-        raise InputError(f"no rounding bound for {x.dtype}", hint="use bf16, fp16, fp32 or fp64")
-    info = torch.finfo(x.dtype)
-    stored = round(-math.log2(info.eps))  # significand bits stored: bf16 7, fp16 10, fp32 23
-    bias = 1 - round(math.log2(info.tiny))  # exponent bias: bf16/fp32 127, fp16 15
-    all_ones = (1 << (info.bits - 1 - stored)) - 1  # the exponent field of inf and NaN
-    # Read the biased exponent field E straight from the bits: exact, on every device, and
-    # in the input's width (frexp on a float32 copy costs several times more on big chunks).
-    exp = (x.view(_BITS_OF[x.dtype]) >> stored) & all_ones
-    non_finite = exp == all_ones
-    exp.clamp_min_(1)  # zero and subnormals: the spacing of the smallest normal binade
-    # half ulp = 2**(E - bias - stored - 1), built as the float64 with that exponent field
-    # (the sum is >= 1 except for fp64 subnormals, clamped to 2**-1022).
-    field = exp.to(torch.int64).add_(1023 - bias - stored - 1).clamp_min_(1)
-    half = field.bitwise_left_shift_(52).view(torch.float64)
-    return half.masked_fill_(non_finite, math.inf)
 
 
 def _add(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -328,9 +297,10 @@ class TensorAccumulator:
         self, tv: torch.Tensor, lora: torch.Tensor, finetuned: torch.Tensor | None
     ) -> None:
         dev = tv.device
-        bounded = finetuned is not None and finetuned.dtype in _BITS_OF
+        bounded = finetuned is not None and finetuned.dtype in BITS_OF
         parts = [tv, lora.to(dev)] + ([finetuned.to(dev)] if bounded else [])
-        sums: list[list[torch.Tensor]] = [[] for _ in range(5)]  # tt, ll, lt, dd, |d|
+        scaled: list[list[torch.Tensor]] = [[] for _ in range(4)]  # tt, ll, lt, dd
+        sum_abs: list[torch.Tensor] = []  # sum |d|
         nonzero: list[torch.Tensor] = []
         maxima: list[list[torch.Tensor]] = [[], []]  # max |d|, max bound
         within: list[torch.Tensor] = []
@@ -339,22 +309,22 @@ class TensorAccumulator:
             t = block[0].to(torch.float64)
             lo = block[1]
             nonzero.append(torch.any(t != 0))
-            sums[0].append(torch.dot(t, t))
-            sums[1].append(torch.dot(lo, lo))
-            sums[2].append(torch.dot(lo, t))
+            for i, pair in enumerate(scaled_dots(t, lo)):  # tt, ll, lt
+                scaled[i].append(pair)
             # subtle: sum (L - T)^2 directly, not |L|^2 + |T|^2 - 2<L,T>, which cancels to
             # noise exactly when L and T agree, the case this report is about.
             d = lo - t
-            sums[3].append(torch.dot(d, d))
+            scaled[3] += scaled_dots(d)
             d.abs_()  # in place: no second temporary
-            sums[4].append(d.sum())
+            sum_abs.append(d.sum())
             maxima[0].append(d.max())
             if bounded:
                 bound = half_ulp(block[2])
                 maxima[1].append(bound.max())
                 within.append(torch.count_nonzero(d <= bound))
-        for attr, values in zip(("_sum_tt", "_sum_ll", "_dot", "_sum_dd", "_sum_abs"), sums, strict=True):
-            setattr(self, attr, _add(getattr(self, attr), torch.stack(values).sum()))
+        for attr, pairs in zip(("_sum_tt", "_sum_ll", "_dot", "_sum_dd"), scaled, strict=True):
+            setattr(self, attr, add_scaled(getattr(self, attr), combine_scaled(pairs)))
+        self._sum_abs = _add(self._sum_abs, torch.stack(sum_abs).sum())
         self._changed = _or(self._changed, torch.stack(nonzero).any())
         self._max_abs = _max(self._max_abs, torch.stack(maxima[0]).max())
         if bounded:
@@ -381,8 +351,15 @@ class TensorAccumulator:
         # The cheap path: no float64 copy of the chunk. vector_norm upcasts per element.
         t = tv if tv.dtype.is_floating_point else tv.to(torch.float64)
         self._changed = _or(self._changed, torch.any(t != 0))
-        norm = torch.linalg.vector_norm(t, dtype=torch.float64)
-        self._sum_tt = _add(self._sum_tt, norm * norm)
+        if t.dtype.itemsize <= 4:
+            # The squares of 32-bit and narrower floats never leave float64's range.
+            norm = torch.linalg.vector_norm(t, dtype=torch.float64)
+            pair = scaled_pair(norm * norm, 0.0)
+        else:
+            pair = combine_scaled(
+                [p for (b,) in blocks(t, size=STATS_BLOCK) for p in scaled_dots(b)]
+            )
+        self._sum_tt = add_scaled(self._sum_tt, pair)
         if (
             finetuned is not None
             and base is not None
@@ -416,10 +393,10 @@ class TensorAccumulator:
         self._tripped += other._tripped
         for attr, combine in (
             ("_changed", _or),
-            ("_sum_tt", _add),
-            ("_sum_ll", _add),
-            ("_dot", _add),
-            ("_sum_dd", _add),
+            ("_sum_tt", add_scaled),
+            ("_sum_ll", add_scaled),
+            ("_dot", add_scaled),
+            ("_sum_dd", add_scaled),
             ("_sum_abs", _add),
             ("_max_abs", _max),
             ("_max_bound", _max),
@@ -442,7 +419,7 @@ class TensorAccumulator:
             )
         v = self._host_values()
         changed = bool(v["_changed"])
-        tv_norm = math.sqrt(v["_sum_tt"] or 0.0)
+        tv_norm = sqrt_of_scaled(v["_sum_tt"])
         if not self.has_lora:
             return TensorComparison(
                 name=self.name,
@@ -458,13 +435,18 @@ class TensorAccumulator:
                 within_rounding=None,
             )
         n = self.numel
-        lora_norm = math.sqrt(v["_sum_ll"] or 0.0)
+        lora_norm = sqrt_of_scaled(v["_sum_ll"])
         cosine = None
-        # subtle: a sum of squares that overflowed (|x| > 1e154) would give dot / inf = 0.
-        if n and 0 < lora_norm < math.inf and 0 < tv_norm < math.inf and math.isfinite(v["_dot"]):
+        (ll, e_ll), (tt, e_tt), (lt, e_lt) = v["_sum_ll"], v["_sum_tt"], v["_dot"]
+        if n and 0 < ll < math.inf and 0 < tt < math.inf and math.isfinite(lt):
+            # The scaled sums give the cosine even where a norm overflows float64.
             # subtle: rounding puts dot / (|L| |T|) above 1 when L is a multiple of T; clamp.
-            # Divide twice: |L| * |T| can underflow to 0 when both are tiny.
-            cosine = max(-1.0, min(1.0, v["_dot"] / lora_norm / tv_norm))
+            cosine = ldexp(lt / math.sqrt(ll) / math.sqrt(tt), e_lt - e_ll / 2 - e_tt / 2)
+            cosine = max(-1.0, min(1.0, cosine))
+        relative_error = None
+        if tt > 0:  # T is not zero (NaN is not > 0)
+            dd, e_dd = v["_sum_dd"]
+            relative_error = ldexp(math.sqrt(dd) / math.sqrt(tt), (e_dd - e_tt) / 2)
         has_bound = n > 0 and self._rounded == n
         return TensorComparison(
             name=self.name,
@@ -473,7 +455,7 @@ class TensorAccumulator:
             cosine=_finite(cosine),
             max_abs_diff=_finite(v["_max_abs"]) if n else None,
             mean_abs_diff=_finite(v["_sum_abs"] / n) if n else None,
-            relative_error=_finite(math.sqrt(v["_sum_dd"]) / tv_norm) if tv_norm > 0 else None,
+            relative_error=_finite(relative_error),
             lora_norm=_finite(lora_norm),
             tv_norm=_finite(tv_norm),
             rounding_bound=_finite(v["_max_bound"]) if has_bound else None,
@@ -492,15 +474,21 @@ class TensorAccumulator:
             return ROUNDING_ONLY
         return CHANGED_NOT_LORA
 
-    def _host_values(self) -> dict[str, float | None]:
-        """Every 0-dim state tensor as a Python float (``None`` if unset), one device sync."""
-        values: dict[str, float | None] = dict.fromkeys(_STATE)
+    def _host_values(self) -> dict[str, Any]:
+        """The state on the host, one device sync: a Python float per 0-dim tensor (``None``
+        if unset), a ``[value, exponent]`` list per scaled sum (``[0.0, EMPTY_EXPONENT]`` if unset)."""
+        values: dict[str, Any] = dict.fromkeys(_STATE)
+        values.update({a: [0.0, EMPTY_EXPONENT] for a in _SCALED})
         names = [a for a in _STATE if getattr(self, a) is not None]
         if names:
             device = getattr(self, names[0]).device
             # Counts fit float64 exactly: no tensor has 2**53 elements.
-            stacked = torch.stack([getattr(self, a).to(device, torch.float64) for a in names])
-            values.update(zip(names, stacked.tolist(), strict=True))
+            parts = [getattr(self, a).to(device, torch.float64).reshape(-1) for a in names]
+            flat = torch.cat(parts).tolist()
+            for name, part in zip(names, parts, strict=True):
+                size = part.numel()
+                values[name] = flat[:size] if name in _SCALED else flat[0]
+                flat = flat[size:]
         return values
 
 
@@ -517,3 +505,5 @@ _STATE = (
     "_within",
     "_round_trip",
 )
+#: The state kept as scaled sums ([value, exponent] pairs).
+_SCALED = frozenset({"_sum_tt", "_sum_ll", "_dot", "_sum_dd"})

@@ -232,6 +232,41 @@ def test_from_json_rejects_other_schema_versions():
         CompareReport.from_json("{")
 
 
+# -- mode --------------------------------------------------------------------------------------
+
+
+def test_mode_is_explicit_never_guessed_from_inputs():
+    rows = [lora_row("model.layers.0.q_proj.weight", 0.9999999, 1e-4)]
+    tv_inputs = {"task_vectors": ["a", "b"], "adapter": None}
+    default = CompareReport(inputs=tv_inputs, tensors=rows)  # inputs say two TVs: ignored
+    assert default.mode == "adapter"
+    assert default.headline().startswith("LoRA explains the task vector on 1 of 1")
+    two = CompareReport(inputs={}, tensors=rows, mode="task_vectors")
+    assert two.headline().startswith("The first task vector explains the second on 1 of 1")
+    assert two.to_markdown().startswith("# Task vector vs task vector\n")
+    none = CompareReport(inputs={}, tensors=[plain_row("a", CHANGED_NOT_LORA)], mode="none")
+    assert none.headline() == (
+        "1 of 1 tensors changed (no adapter given: nothing to compare the task vector with)"
+    )
+    with pytest.raises(InputError, match="unknown compare mode 'lora'"):
+        CompareReport(inputs={}, tensors=rows, mode="lora")
+
+
+@pytest.mark.parametrize(
+    ("inputs", "mode"),
+    [
+        ({"task_vectors": ["a", "b"], "adapter": None}, "task_vectors"),
+        ({"task_vectors": [], "adapter": None, "base": "b"}, "none"),
+        ({"task_vectors": ["a"], "adapter": "x"}, "adapter"),
+        ({}, "adapter"),
+    ],
+)
+def test_schema_1_reads_the_mode_from_the_inputs_compare_wrote(inputs, mode):
+    report = CompareReport(inputs=inputs, tensors=[lora_row("a", 0.5, 0.1)], mode=mode)
+    back = CompareReport.from_json(report.to_json())
+    assert back.mode == mode and back == report
+
+
 # -- headline ----------------------------------------------------------------------------------
 
 

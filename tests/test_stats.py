@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -283,6 +284,82 @@ def test_cosine_of_scaled_copies_is_within_one(seed, scale, spread, n):
         assert r.cosine == pytest.approx(math.copysign(1.0, scale), abs=1e-9)
     else:  # only when a norm is 0 or overflows float64
         assert r.lora_norm in (0.0, None) or r.tv_norm in (0.0, None)
+
+
+def exact_figures(lora: torch.Tensor, tv: torch.Tensor) -> dict:
+    """Norms, cosine and relative error from exact rational arithmetic (no under/overflow)."""
+    L = [Fraction(x) for x in lora.reshape(-1).tolist()]
+    T = [Fraction(x) for x in tv.reshape(-1).tolist()]
+    ll, tt = sum(x * x for x in L), sum(x * x for x in T)
+    lt = sum(a * b for a, b in zip(L, T, strict=True))
+    dd = sum((a - b) ** 2 for a, b in zip(L, T, strict=True))
+
+    def root(q: Fraction) -> float:  # sqrt of a rational, correctly scaled by powers of 4
+        if q == 0:
+            return 0.0
+        shift = (q.numerator.bit_length() - q.denominator.bit_length()) // 2
+        return math.ldexp(math.sqrt(float(q / Fraction(4) ** shift)), shift)
+
+    cos = None
+    if ll and tt:
+        cos = root(lt * lt / (ll * tt)) * (1 if lt >= 0 else -1)
+    return {
+        "lora_norm": root(ll),
+        "tv_norm": root(tt),
+        "cosine": cos,
+        "relative_error": root(dd / tt) if tt else None,
+    }
+
+
+@pytest.mark.parametrize("scale", [1e-300, 2.0**-1060, 1e-160, 1e160, 1e300])
+@pytest.mark.parametrize("cuts", [(), (3, 17)])
+def test_norms_and_cosine_at_extreme_scales(scale, cuts):
+    """Sums of squares of 1e-300 underflow and of 1e300 overflow in float64; the scaled
+    accumulation gets the exact figures anyway, chunked or not."""
+    g = torch.Generator().manual_seed(5)
+    tv = torch.randn(40, 3, generator=g, dtype=torch.float64) * scale
+    lora = tv * 0.75 + torch.randn(40, 3, generator=g, dtype=torch.float64) * (scale / 8)
+    want = exact_figures(lora, tv)
+    assert all(0 < want[k] < math.inf for k in ("lora_norm", "tv_norm"))
+    r = accumulate("w", tv, lora, cuts=cuts)
+    # subnormal inputs (2**-1060) carry only ~14 significand bits, but exactly so: the
+    # figures are still those of the given values.
+    for name in ("lora_norm", "tv_norm", "cosine", "relative_error"):
+        assert getattr(r, name) == pytest.approx(want[name], rel=1e-13), name
+    plain = accumulate("p", tv, cuts=cuts, has_lora=False)
+    assert plain.tv_norm == pytest.approx(want["tv_norm"], rel=1e-13)
+
+
+def test_tiny_and_huge_chunks_of_one_tensor_merge():
+    """A chunk at 1e-300 beside a chunk at 1e300: merged in either order, the sums keep the
+    large part exactly and the tiny part does not turn into NaN or 0 * inf."""
+    g = torch.Generator().manual_seed(6)
+    tv = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    tv[:4] *= 1e-300
+    tv[4:] *= 1e300
+    lora = 2 * tv
+    want = exact_figures(lora, tv)
+    for order in (0, 1):
+        parts = [
+            TensorAccumulator("w", numel=32, has_lora=True, finetuned_dtype=None, base_dtype=None)
+            for _ in range(2)
+        ]
+        parts[order].update(tv=tv[:4], lora=lora[:4])
+        parts[1 - order].update(tv=tv[4:], lora=lora[4:])
+        parts[0].merge(parts[1])
+        r = parts[0].result()
+        assert r.tv_norm == pytest.approx(want["tv_norm"], rel=1e-13)
+        assert r.lora_norm == pytest.approx(want["lora_norm"], rel=1e-13)
+        assert r.cosine == pytest.approx(1.0, abs=1e-15) and r.cosine <= 1.0
+        assert r.relative_error == pytest.approx(1.0, rel=1e-13)
+
+
+def test_norm_beyond_float64_is_null_but_cosine_is_not():
+    """Elements of 1e308: ||T|| exceeds float64 (null), yet the cosine is well defined."""
+    tv = torch.full((4, 1), 1e308, dtype=torch.float64)
+    r = accumulate("w", tv, tv / 2)
+    assert r.tv_norm is None and r.lora_norm == pytest.approx(1e308, rel=1e-15)
+    assert r.cosine == 1.0 and r.relative_error == pytest.approx(0.5, rel=1e-15)
 
 
 def test_identical_vectors_have_cosine_exactly_one_at_most():
