@@ -1,5 +1,5 @@
-"""Float formats, exactly: ulps of bf16/fp16/fp32/fp64 values, and sums that cannot under-
-or overflow (pure tensor maths, any device, no I/O).
+"""Float formats, exactly: ulps of bf16/fp16/fp32/fp64 values, distances in ulps, and sums
+that cannot under- or overflow (pure tensor maths, any device, no I/O).
 
 >>> import torch
 >>> half_ulp(torch.tensor([1.0], dtype=torch.bfloat16)).tolist()
@@ -20,13 +20,16 @@ from stream_tv.errors import InputError
 __all__ = [
     "BITS_OF",
     "EMPTY_EXPONENT",
+    "ULP_UNBOUNDED",
     "add_scaled",
     "combine_scaled",
     "half_ulp",
     "ldexp",
+    "ordered",
     "scaled_dots",
     "scaled_pair",
     "sqrt_of_scaled",
+    "ulp_distance",
 ]
 
 #: Finetuned dtypes with a rounding bound, and the same-size integer dtype to read their bits.
@@ -71,6 +74,67 @@ def half_ulp(x: torch.Tensor) -> torch.Tensor:
     return half.masked_fill_(non_finite, math.inf)
 
 
+# -- ulp distance ----------------------------------------------------------------------------
+
+#: The distance of a NaN from a number: more steps than any two values of a dtype are apart.
+ULP_UNBOUNDED = torch.iinfo(torch.int64).max
+
+
+def ordered(x: torch.Tensor) -> torch.Tensor:
+    """The position of every element of ``x`` in its dtype's ordered sequence of values, as
+    int64: 0 for both zeros, +k for the k-th value above zero, -k for the k-th below.
+
+    The sequence is ``-inf, -max, ..., -min_subnormal, 0, min_subnormal, ..., max, +inf``;
+    adjacent values differ by 1. NaNs get positions beyond the infinities (meaningless: see
+    :func:`ulp_distance`). The bits are sign and magnitude, so the magnitude bits of a
+    non-negative float are its position, and a negative float's position is minus those.
+
+    >>> ordered(torch.tensor([-1.0, -0.0, 0.0, 2.0**-133, 1.0], dtype=torch.bfloat16)).tolist()
+    [-16256, 0, 0, 1, 16256]
+    """
+    if x.dtype not in BITS_OF:
+        raise InputError(f"no ulp distance for {x.dtype}", hint="use bf16, fp16, fp32 or fp64")
+    bits = x.view(BITS_OF[x.dtype]).to(torch.int64)
+    magnitude = bits & ((1 << (8 * x.dtype.itemsize - 1)) - 1)
+    return torch.where(bits < 0, -magnitude, magnitude)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise distance of ``a`` and ``b`` (one float dtype) in units in the last place.
+
+    The distance is the number of representable values of the dtype in the half-open
+    interval ``(min(a, b), max(a, b)]``, the two zeros counted as one value: 0 when ``a`` and
+    ``b`` are equal as numbers (``-0.0`` and ``+0.0`` included), 1 for neighbours, and so on,
+    across zero and the subnormals alike: it is ``|ordered(a) - ordered(b)|``. The
+    infinities are the values just beyond ``+-max`` (``max`` to ``inf`` is 1, as IEEE's
+    ``nextUp(max) = inf``). Two NaNs are at distance 0 (a merge that propagates a NaN
+    reproduces it); a NaN and a number are :data:`ULP_UNBOUNDED` apart. Returns int64; fp64
+    distances saturate at :data:`ULP_UNBOUNDED`.
+
+    >>> x = torch.tensor([1.0, 1.0, -0.0, 2.0**-133, 65504.0, math.nan], dtype=torch.float16)
+    >>> y = torch.tensor([1.0009765625, 0.99951171875, 0.0, -(2.0**-133), math.inf, 1.0],
+    ...                  dtype=torch.float16)
+    >>> ulp_distance(x, y).tolist()[:5], ulp_distance(x, y).tolist()[5] == ULP_UNBOUNDED
+    ([1, 1, 0, 0, 1], True)
+    """
+    if a.dtype != b.dtype or a.shape != b.shape:
+        raise InputError(
+            f"ulp distance of {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}",
+            hint="both operands need one dtype and one shape",
+        )
+    oa, ob = ordered(a), ordered(b)
+    distance = (oa - ob).abs_()
+    if a.dtype == torch.float64:
+        # subtle: positions of fp64 values reach +-(2**63 - 2**52); the difference of two of
+        # opposite signs can pass 2**63 and wrap. Saturate those.
+        room = ULP_UNBOUNDED - oa.abs()
+        wraps = ((oa > 0) & (ob < 0) | (oa < 0) & (ob > 0)) & (ob.abs() > room)
+        distance.masked_fill_(wraps, ULP_UNBOUNDED)
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    distance.masked_fill_(nan_a & nan_b, 0)
+    return distance.masked_fill_(nan_a ^ nan_b, ULP_UNBOUNDED)
+
+
 # -- scaled sums: norms and dot products from 1e-300 to 1e300 --------------------------------
 
 # subtle: a float64 sum of squares underflows for elements below ~1e-154 and overflows above
@@ -103,6 +167,7 @@ def combine_scaled(pairs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def add_scaled(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``acc + value`` of two scaled pairs (``acc`` None: nothing yet), on ``acc``'s device."""
     return value if acc is None else combine_scaled([acc, value.to(acc.device)])
 
 

@@ -1,4 +1,26 @@
-"""Figures derived from a report's rows: means and extremes that skip nulls, the verdicts."""
+"""Figures derived from a report's rows: means and extremes that skip nulls, and verdicts.
+
+A LoRA tensor's verdict (:func:`verdict`), in units of its fine-tuned dtype's rounding:
+
+- ``reproduced``: ``F`` is, bit for bit, what ``stream-tv merge`` writes (``bit_exact_merge``
+  is 1): this tensor IS PEFT's merge of this adapter;
+- ``explained_by_rounding``: every element of ``F`` is within one ulp of the correctly
+  rounded ``W + L`` (``ulp_max <= 1``), what any rounding order of the merge can give;
+- ``departs``: some element is further, in a bf16 / fp16 tensor (whose ulp dwarfs the
+  float32 arithmetic every merge does), or in one that is not our merge either;
+- ``undecided``: an fp32 / fp64 tensor further than one ulp, not compared with our merge;
+- ``None``: not measured (no fine-tuned or base values: two task vectors, or a task vector
+  given for ``T``); the headline then judges by cosine (:data:`EXPLAINED_COSINE`).
+
+>>> from stream_tv.stats import TensorComparison
+>>> row = lambda **kw: TensorComparison("w", "lora_and_changed", 4, *[0.5] * 7, **kw)
+>>> verdict(row(bit_exact_merge=1.0)), verdict(row(ulp_counts=(3, 1, 0), ulp_max=1))
+('reproduced', 'explained_by_rounding')
+>>> verdict(row(ulp_counts=(3, 0, 1), ulp_max=9, finetuned_dtype="bfloat16"))
+'departs'
+>>> verdict(row(ulp_counts=(3, 0, 1), ulp_max=9, finetuned_dtype="float32")), verdict(row())
+('undecided', None)
+"""
 
 from __future__ import annotations
 
@@ -7,11 +29,60 @@ from collections.abc import Callable, Iterable
 
 from stream_tv.stats import TensorComparison
 
-__all__ = ["EXPLAINED_COSINE", "explained", "mean", "norm_ratio", "reduce", "within_fraction"]
+__all__ = [
+    "DEPARTS",
+    "EXPLAINED",
+    "EXPLAINED_COSINE",
+    "REPRODUCED",
+    "UNDECIDED",
+    "VERDICTS",
+    "bit_exact_fraction",
+    "explained_by_cosine",
+    "mean",
+    "norm_ratio",
+    "reduce",
+    "ulp_totals",
+    "verdict",
+]
 
-#: A covered tensor counts as "explained" by LoRA in the headline when its cosine is at
-#: least this, or when every element of L - T is within the finetuned dtype's rounding.
+REPRODUCED = "reproduced"
+EXPLAINED = "explained_by_rounding"
+DEPARTS = "departs"
+UNDECIDED = "undecided"
+#: The verdicts, best first.
+VERDICTS = (REPRODUCED, EXPLAINED, DEPARTS, UNDECIDED)
+
+#: Where no verdict can be measured (no fine-tuned weights), a covered tensor counts as
+#: "explained" by L in the headline when its cosine is at least this.
 EXPLAINED_COSINE = 0.999
+
+# subtle: merges add in float32 (PEFT: W + fp32(scaling * B @ A)). In bf16 / fp16 the
+# float32 errors are ~2**-16 of an ulp of the result, so one ulp is all any rounding order
+# can add. In fp32 they are a fraction of an ulp of the delta, which is many ulps of W + L
+# where W + L is near zero: a PEFT merge of a Llama-shaped fp32 tensor (|L| ~ 1e-3 |W|)
+# measured 0.2% of elements 2 to 919 ulps away. Only the bit-exact comparison decides there.
+_ULP_DECIDES = frozenset({"bfloat16", "float16"})
+
+
+def verdict(t: TensorComparison) -> str | None:
+    """The verdict of a tensor with a LoRA delta (see the module docstring); None without
+    one, or where nothing was measured."""
+    if not t.has_lora:
+        return None
+    if t.bit_exact_merge == 1.0:
+        return REPRODUCED
+    if t.ulp_counts is None:
+        return None
+    if t.ulp_max is not None and t.ulp_max <= 1:
+        return EXPLAINED
+    if t.bit_exact_merge is not None or t.finetuned_dtype in _ULP_DECIDES:
+        return DEPARTS
+    return UNDECIDED
+
+
+def explained_by_cosine(t: TensorComparison) -> bool:
+    """The headline's rule where no verdict is measured: cosine >= EXPLAINED_COSINE."""
+    return t.cosine is not None and t.cosine >= EXPLAINED_COSINE
 
 
 def mean(values: Iterable[float | None]) -> float | None:
@@ -26,20 +97,24 @@ def reduce(fn: Callable[[list[float]], float], values: Iterable[float | None]) -
     return fn(kept) if kept else None
 
 
-def within_fraction(tensors: Iterable[TensorComparison]) -> float | None:
-    """Fraction of elements within rounding, over the tensors that have the figure."""
-    rows = [(t.within_rounding, t.numel) for t in tensors if t.within_rounding is not None]
+def ulp_totals(tensors: Iterable[TensorComparison]) -> tuple[list[int], int | None] | None:
+    """``ulp_counts`` summed and ``ulp_max`` over the tensors that have them (the max is None
+    if one is unbounded); None if none has them."""
+    rows = [t for t in tensors if t.ulp_counts is not None]
+    if not rows:
+        return None
+    counts = [sum(t.ulp_counts[i] for t in rows) for i in range(3)]  # type: ignore[index]
+    maxima = [t.ulp_max for t in rows]
+    return counts, None if None in maxima else max(maxima)  # type: ignore[type-var]
+
+
+def bit_exact_fraction(tensors: Iterable[TensorComparison]) -> float | None:
+    """Element-weighted ``bit_exact_merge`` over the tensors that have it."""
+    rows = [(t.bit_exact_merge, t.numel) for t in tensors if t.bit_exact_merge is not None]
     total = sum(n for _, n in rows)
     if not rows or total == 0:
         return None
-    return math.fsum(w * n for w, n in rows) / total
-
-
-def explained(t: TensorComparison) -> bool:
-    """The headline's rule: all differences within rounding, or cosine >= EXPLAINED_COSINE."""
-    if t.within_rounding == 1.0:
-        return True
-    return t.cosine is not None and t.cosine >= EXPLAINED_COSINE
+    return math.fsum(f * n for f, n in rows) / total
 
 
 def norm_ratio(tensors: list[TensorComparison]) -> float | None:

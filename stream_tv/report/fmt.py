@@ -5,7 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["count", "dtype_label", "fmt_cosine", "fmt_figure", "fmt_percent", "verb"]
+__all__ = [
+    "count",
+    "dtype_label",
+    "fmt_cosine",
+    "fmt_count",
+    "fmt_figure",
+    "fmt_percent",
+    "verb",
+]
 
 _DTYPE_SHORT = {
     "bfloat16": "bf16",
@@ -51,16 +59,32 @@ def fmt_cosine(x: float | None) -> str:
 
 
 def fmt_percent(x: float | None) -> str:
-    """A share as a percentage; never 100% for "almost all".
+    """A share as a percentage, with the digits that matter: never 100% for "almost all",
+    never 0% for "a few", and as many decimals as the distance from 0% or 100% needs.
 
-    >>> fmt_percent(1.0), fmt_percent(0.5), fmt_percent(0.99999), fmt_percent(None)
-    ('100%', '50.0%', '99.9%', 'n/a')
+    >>> fmt_percent(1.0), fmt_percent(0.5), fmt_percent(0.764), fmt_percent(0.998)
+    ('100%', '50.0%', '76.4%', '99.8%')
+    >>> fmt_percent(1 - 1 / 147456), fmt_percent(7e-6), fmt_percent(0.0), fmt_percent(None)
+    ('99.9993%', '0.0007%', '0%', 'n/a')
     """
     if x is None:
         return "n/a"
-    if x == 1:
-        return "100%"
-    return f"{min(100 * x, 99.9):.1f}%"
+    if x in (0, 1):
+        return f"{100 * x:.0f}%"
+    pct = 100 * x
+    gap = min(pct, 100 - pct)  # distance from the nearer end, in percent
+    # subtle: gap >= 10**-decimals, so rounding to that many decimals can reach neither end.
+    decimals = 1 if gap >= 0.1 else min(12, math.ceil(-math.log10(gap)))
+    return f"{pct:.{decimals}f}%"
+
+
+def fmt_count(n: int) -> str:
+    """An element count with thousands separators.
+
+    >>> fmt_count(147456), fmt_count(7)
+    ('147,456', '7')
+    """
+    return f"{n:,}"
 
 
 def dtype_label(raw: Any) -> str:

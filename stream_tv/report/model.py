@@ -20,20 +20,10 @@ from stream_tv.stats import (
 
 from . import plot as plotting
 from . import text
-from .figures import mean, reduce
+from .figures import VERDICTS, bit_exact_fraction, mean, reduce, ulp_totals, verdict
 from .wording import MODES
 
 __all__ = ["CompareReport"]
-
-
-def _mode_of_v1_inputs(inputs: dict[str, Any]) -> str:
-    """The mode of a schema_version 1 report, which stored it only through its inputs as
-    ``compare`` filled them: two task vectors, or an adapter given as null."""
-    if len(inputs.get("task_vectors") or ()) == 2:
-        return "task_vectors"
-    if "adapter" in inputs and inputs["adapter"] is None:
-        return "none"
-    return "adapter"
 
 
 @dataclass
@@ -51,7 +41,7 @@ class CompareReport:
     inputs: dict[str, Any]
     tensors: list[TensorComparison] = field(default_factory=list)
     mode: str = "adapter"
-    schema_version: ClassVar[int] = 1
+    schema_version: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,10 +55,18 @@ class CompareReport:
         """The tensors with a LoRA delta and a nonzero task vector (``lora_and_changed``)."""
         return [t for t in self.tensors if t.category == LORA_AND_CHANGED]
 
+    def with_lora(self) -> list[TensorComparison]:
+        """The tensors with a LoRA delta (``lora_and_changed`` and ``lora_unchanged``)."""
+        return [t for t in self.tensors if t.has_lora]
+
     @property
     def summary(self) -> dict[str, Any]:
-        """Figures over tensors with a LoRA delta and a nonzero task vector; nulls left out."""
-        covered = self.covered()
+        """Figures over the report (see :mod:`stream_tv.report` for what each is over)."""
+        covered, lora = self.covered(), self.with_lora()
+        verdicts = dict.fromkeys((*VERDICTS, "not_measured"), 0)
+        for t in lora:
+            verdicts[verdict(t) or "not_measured"] += 1
+        ulps = ulp_totals(lora)
         return {
             "tensors": len(covered),
             "mean_cosine": mean(t.cosine for t in covered),
@@ -77,6 +75,13 @@ class CompareReport:
             "mean_max_abs_diff": mean(t.max_abs_diff for t in covered),
             "mean_mean_abs_diff": mean(t.mean_abs_diff for t in covered),
             "mean_relative_error": mean(t.relative_error for t in covered),
+            "lora_tensors": len(lora),
+            "verdicts": verdicts,
+            "bit_exact_merge": bit_exact_fraction(lora),
+            "ulp_counts": None if ulps is None else ulps[0],
+            "ulp_max": None if ulps is None else ulps[1],
+            "nonfinite_elements": sum(t.nonfinite for t in self.tensors),
+            "nonfinite_tensors": sum(t.nonfinite > 0 for t in self.tensors),
         }
 
     @property
@@ -109,9 +114,9 @@ class CompareReport:
         return text.terminal(self, worst=worst)
 
     def plot(self, path: str | Path) -> None:
-        """Per-layer cosine and relative error by module kind, as a PNG (or any format
-        matplotlib infers from ``path``). Needs matplotlib (``pip install 'stream-tv[plot]'``).
-        """
+        """Per-layer agreement of L and T by module kind, and the tensors changed outside L,
+        as a PNG (or any format matplotlib infers from ``path``). Needs matplotlib
+        (``pip install 'stream-tv[plot]'``)."""
         plotting.plot(self, path)
 
     # -- JSON ----------------------------------------------------------------------------
@@ -120,10 +125,11 @@ class CompareReport:
         """The JSON object of the report (schema in :mod:`stream_tv.report`)."""
         return {
             "schema_version": self.schema_version,
+            "mode": self.mode,
             "inputs": json_safe(self.inputs),
             "summary": self.summary,
             "coverage": self.coverage,
-            "tensors": [t.to_dict() for t in self.tensors],
+            "tensors": [{**t.to_dict(), "verdict": verdict(t)} for t in self.tensors],
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -132,18 +138,22 @@ class CompareReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompareReport:
-        """Read back :meth:`to_dict`'s output; ``summary`` and ``coverage`` are recomputed."""
+        """Read back :meth:`to_dict`'s output; ``summary``, ``coverage`` and each tensor's
+        ``verdict`` are derived, so they are recomputed, not read."""
         version = data.get("schema_version")
         if version != cls.schema_version:
+            hint = f"this stream-tv reads schema_version {cls.schema_version}"
+            if isinstance(version, int) and version < cls.schema_version:
+                hint += "; rerun stream-tv compare to write the report again"
+            raise InputError(f"unsupported compare report schema_version {version!r}", hint=hint)
+        if "mode" not in data:
             raise InputError(
-                f"unsupported compare report schema_version {version!r}",
-                hint=f"this stream-tv reads schema_version {cls.schema_version}",
+                "the compare report has no mode", hint=f"expected one of {', '.join(MODES)}"
             )
-        inputs = dict(data.get("inputs") or {})
         return cls(
-            inputs=inputs,
+            inputs=dict(data.get("inputs") or {}),
             tensors=[TensorComparison.from_dict(t) for t in data.get("tensors", [])],
-            mode=_mode_of_v1_inputs(inputs),
+            mode=data["mode"],
         )
 
     @classmethod

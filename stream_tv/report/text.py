@@ -1,7 +1,7 @@
 """The text renderings of a compare report: the headline, Markdown and the terminal summary.
 
 Every phrase that depends on what ``L`` is comes from :data:`~.wording.WORDING`, looked up
-once by the report's ``mode``.
+once by the report's ``mode``; the verdicts are :func:`~.figures.verdict`'s.
 """
 
 from __future__ import annotations
@@ -11,20 +11,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from stream_tv.jsonutil import json_safe
-from stream_tv.stats import (
-    CATEGORIES,
-    CHANGED_NOT_LORA,
-    LORA_AND_CHANGED,
-    LORA_UNCHANGED,
-    ROUNDING_ONLY,
-    UNCHANGED,
-    TensorComparison,
-)
+from stream_tv.stats import CATEGORIES, CHANGED_NOT_LORA, LORA_AND_CHANGED, TensorComparison
 
-from .figures import explained, mean, norm_ratio, reduce, within_fraction
-from .fmt import count, dtype_label, fmt_cosine, fmt_figure, fmt_percent, verb
+from .figures import DEPARTS, EXPLAINED, REPRODUCED, mean, reduce, verdict
+from .fmt import dtype_label, fmt_cosine, fmt_count, fmt_figure, fmt_percent
+from .headline import headline
 from .layers import layer_of, module_kinds
-from .wording import WORDING, Wording
+from .wording import WORDING
 
 if TYPE_CHECKING:
     from .model import CompareReport
@@ -32,117 +25,23 @@ if TYPE_CHECKING:
 __all__ = ["headline", "markdown", "terminal"]
 
 _WIDTH = 100  # terminal rendering width
-
-#: The headline flags explained tensors whose median ``||L|| / ||T||`` is further from 1.
-_SCALE_TOLERANCE = 0.01
-
-
-# -- the headline --------------------------------------------------------------------------
-
-
-def headline(report: CompareReport) -> str:
-    """One line saying what the figures mean.
-
-    e.g. ``LoRA explains the task vector on 120 of 483 changed tensors (mean cosine
-    0.999998, all differences within bf16 rounding); 363 changed outside the adapter, all
-    only by bf16 rounding``. A covered tensor is "explained" when its cosine is at least
-    :data:`~.figures.EXPLAINED_COSINE` or all its differences are within rounding. Two task
-    vectors read "The first task vector explains the second ..."; without an adapter (base
-    and finetuned only) the line says what changed, and nothing about an adapter.
-    """
-    if not report.tensors:
-        return "No tensors were compared"
-    cov, dtype = report.coverage, dtype_label(report.inputs.get("finetuned_dtype"))
-    if report.mode == "none":
-        return _headline_without_l(cov, dtype)
-    words = WORDING[report.mode]
-    parts: list[str] = []
-    if cov["changed"] == 0:
-        parts.append(f"{words.zero}: no tensor of {cov['total']} changed")
-    elif cov["lora"] == 0:
-        parts.append(words.no_l.format(changed=cov["changed"]))
-    elif report.covered():
-        parts += _covered_clauses(report.covered(), cov, dtype, words)
-    parts += _outside_clauses(report, cov, dtype, words)
-    return "; ".join(parts)
-
-
-def _covered_clauses(
-    covered: list[TensorComparison], cov: dict[str, Any], dtype: str, words: Wording
-) -> list[str]:
-    """How many covered tensors L explains, with what figures, and which depart."""
-    good = [t for t in covered if explained(t)]
-    # The figures in this clause are over the explained tensors; the departures get their
-    # own clause, and the summary table has the figures over all covered ones.
-    details = [f"mean cosine {fmt_cosine(mean(t.cosine for t in good))}"]
-    within = within_fraction(good)
-    if within == 1.0:
-        details.append(f"all differences within {dtype} rounding")
-    elif within is not None:
-        details.append(f"{fmt_percent(within)} of elements within {dtype} rounding")
-    # subtle: a cosine is blind to scale; a LoRA merged with another alpha (or a task vector
-    # applied at another --scale) would read as "explained". Tensors whose differences are
-    # all rounding are explained whatever their norms say.
-    ratio = norm_ratio([t for t in good if t.within_rounding != 1.0])
-    if ratio is not None and abs(ratio - 1) > _SCALE_TOLERANCE:
-        details.append(f"but ||L|| / ||T|| = {fmt_figure(ratio)}")
-    parts = [
-        f"{words.subject} on {len(good)} of {cov['changed']} changed tensors"
-        + (f" ({', '.join(details)})" if good else "")
-    ]
-    departed = [t for t in covered if not explained(t)]
-    if departed:
-        worst = min(departed, key=lambda t: -2.0 if t.cosine is None else t.cosine)
-        parts.append(
-            f"{count(len(departed), words.departing_noun)} "
-            f"{verb(len(departed), 'departs', 'depart')} from it "
-            f"(worst cosine {fmt_cosine(worst.cosine)} at {worst.name})"
-        )
-    return parts
-
-
-def _outside_clauses(
-    report: CompareReport, cov: dict[str, Any], dtype: str, words: Wording
-) -> list[str]:
-    """Tensors changed where L is absent, and tensors where L is given but T is zero."""
-    parts = []
-    outside = cov[CHANGED_NOT_LORA] + cov[ROUNDING_ONLY]
-    rounding = cov[ROUNDING_ONLY] if words.outside_by_rounding else 0
-    if outside and cov["lora"]:
-        text = words.outside.format(n=outside)
-        if rounding == outside:
-            text += f", all only by {dtype} rounding"
-        elif rounding:
-            text += f", of which {rounding} only by {dtype} rounding"
-        parts.append(text)
-    elif outside and rounding:
-        parts.append(f"{rounding} of them only by {dtype} rounding")
-    # Tensors both task vectors leave at zero are not news; ones only the second does are.
-    unchanged = [
-        t
-        for t in report.tensors
-        if t.category == LORA_UNCHANGED and (t.lora_norm or not words.l_unchanged_needs_nonzero_l)
-    ]
-    if unchanged:
-        n = len(unchanged)
-        parts.append(f"{count(n, 'tensor')} {words.l_unchanged.format(verb=verb(n))}")
-    return parts
-
-
-def _headline_without_l(cov: dict[str, Any], dtype: str) -> str:
-    """The headline of a comparison without ``L``: what changed, and how."""
-    changed, total, rounding = cov["changed"], cov["total"], cov[ROUNDING_ONLY]
-    if changed == 0:
-        return f"The task vector is zero: no tensor of {total} changed"
-    line = f"{changed} of {total} tensors changed"
-    if rounding == changed:
-        line += f", all only by {dtype} rounding"
-    elif rounding:
-        line += f", {rounding} of them only by {dtype} rounding"
-    return line + " (no adapter given: nothing to compare the task vector with)"
+_SHORT = {REPRODUCED: "reproduced", EXPLAINED: "rounding", DEPARTS: "DEPARTS"}
 
 
 # -- tables shared by Markdown and the terminal --------------------------------------------
+
+
+def _ulps(t: TensorComparison) -> str:
+    """``n0 / n1 / more`` elements at 0, 1 and more ulps; n/a if not measured."""
+    if t.ulp_counts is None:
+        return "n/a"
+    return " / ".join(fmt_count(c) for c in t.ulp_counts)
+
+
+def _ulp_max(t: TensorComparison) -> str:
+    if t.ulp_counts is None:
+        return "n/a"
+    return "NaN" if t.ulp_max is None else fmt_count(t.ulp_max)
 
 
 def _outside(report: CompareReport, n: int) -> tuple[str, list[TensorComparison], int]:
@@ -163,34 +62,50 @@ def _worst(report: CompareReport, n: int, key: str) -> list[TensorComparison]:
     return rows[:n]
 
 
+def _departing(report: CompareReport) -> list[TensorComparison]:
+    """Tensors whose verdict is ``departs``, most elements beyond one ulp first."""
+    rows = [t for t in report.tensors if verdict(t) == DEPARTS]
+    return sorted(rows, key=lambda t: (-(t.ulp_counts[2] if t.ulp_counts else 0), t.name))
+
+
 def _summary_rows(report: CompareReport) -> list[tuple[str, str]]:
-    s = report.summary
-    return [
-        ("tensors (LoRA delta and task vector)", str(s["tensors"])),
+    s, words = report.summary, WORDING[report.mode]
+    dtype = dtype_label(report.inputs.get("finetuned_dtype"))
+    rows = []
+    if s["lora_tensors"] and s["ulp_counts"] is not None:
+        v = s["verdicts"]
+        rows += [
+            ("LoRA tensors reproduced (bit for bit)", str(v[REPRODUCED])),
+            (f"... explained by {dtype} rounding", str(v[EXPLAINED])),
+            ("... departing", str(v[DEPARTS])),
+        ]
+        if v["undecided"]:
+            rows.append(("... undecided (fp32: needs our merge)", str(v["undecided"])))
+        n0, n1, more = s["ulp_counts"]
+        rows += [
+            ("elements bit-exact as our merge", fmt_percent(s["bit_exact_merge"])),
+            ("elements 0 ulp from W + L", fmt_percent(n0 / (n0 + n1 + more or 1))),
+            ("elements 1 ulp / more", f"{fmt_count(n1)} / {fmt_count(more)}"),
+            ("max ulps from W + L", "NaN" if s["ulp_max"] is None else fmt_count(s["ulp_max"])),
+        ]
+    if s["nonfinite_elements"]:
+        rows.append(("non-finite values (NaN, inf)", fmt_count(s["nonfinite_elements"])))
+    return rows + [
+        (words.summary_count, str(s["tensors"])),
         ("mean cosine", fmt_cosine(s["mean_cosine"])),
         ("min cosine", fmt_cosine(s["min_cosine"])),
         ("max abs diff", fmt_figure(s["max_abs_diff"])),
         ("mean max abs diff", fmt_figure(s["mean_max_abs_diff"])),
         ("mean mean abs diff", fmt_figure(s["mean_mean_abs_diff"])),
         ("mean relative error", fmt_figure(s["mean_relative_error"])),
-        ("elements within rounding", fmt_percent(within_fraction(report.covered()))),
     ]
 
 
-_MEANING = {
-    LORA_AND_CHANGED: "LoRA delta, tensor changed",
-    LORA_UNCHANGED: "LoRA delta, tensor not changed",
-    CHANGED_NOT_LORA: "changed, no LoRA delta",
-    ROUNDING_ONLY: "changed only by dtype rounding",
-    UNCHANGED: "no LoRA delta, not changed",
-}
-
-
 def _coverage_rows(report: CompareReport) -> list[tuple[str, str, str]]:
-    cov = report.coverage
+    cov, meaning = report.coverage, WORDING[report.mode].meaning
     total = cov["total"]
     rows = [
-        (f"{c} ({_MEANING[c]})", str(cov[c]), fmt_percent(cov[c] / total) if total else "n/a")
+        (f"{c} ({meaning[c]})", str(cov[c]), fmt_percent(cov[c] / total) if total else "n/a")
         for c in CATEGORIES
     ]
     rows.append(("total", str(total), "100%" if total else "n/a"))
@@ -225,6 +140,7 @@ def _layer_rows(report: CompareReport) -> list[tuple[str, ...]]:
                 fmt_cosine(reduce(min, (m.cosine for m in covered))),
                 fmt_figure(reduce(max, (m.relative_error for m in covered))),
                 "" if worst is None else kinds.get(worst, worst),
+                str(sum(verdict(m) == DEPARTS for m in members)),
             )
         )
     return rows
@@ -242,40 +158,77 @@ def _table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]], align: str 
     return lines + [""]
 
 
+def _input_value(value: Any) -> str:
+    """An input as Markdown: code for text, lists comma-separated, ``k=v`` for mappings."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_input_value(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return ", ".join(_input_value(v) for v in value) or "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str):
+        return f"`{value}`"
+    return str(value)
+
+
 def markdown(report: CompareReport, *, worst: int = 10) -> str:
-    """A Markdown report: headline, inputs, summary, coverage, worst tensors, per layer."""
-    out = [WORDING[report.mode].title, "", f"**{headline(report)}**", ""]
-    inputs = json_safe(report.inputs)
+    """A Markdown report: headline, inputs, summary, coverage, departing and worst tensors,
+    tensors changed outside L, per layer."""
+    words = WORDING[report.mode]
+    out = [words.title, "", f"**{headline(report)}**", ""]
+    inputs = {k: v for k, v in json_safe(report.inputs).items() if v is not None}
     if inputs:
         out += ["## Inputs", ""]
-        out += _table(("input", "value"), ((k, f"`{v}`") for k, v in inputs.items()), "ll")
-    out += ["## Summary", ""]
-    out += [
-        "Over tensors that have both a LoRA delta and a nonzero task vector; "
-        "`L` is the LoRA delta, `T` the task vector.",
-        "",
-    ]
-    out += _table(("figure", "value"), _summary_rows(report))
+        out += _table(("input", "value"), ((k, _input_value(v)) for k, v in inputs.items()), "ll")
+    if report.mode != "none":
+        out += ["## Summary", "", words.summary_intro, ""]
+        out += _table(("figure", "value"), _summary_rows(report))
     out += ["## Coverage", ""]
     out += _table(("category", "tensors", "share"), _coverage_rows(report))
     cov = report.coverage
-    out += [
-        f"LoRA covers {fmt_percent(cov['lora_fraction_of_changed'])} of the "
-        f"{cov['changed']} changed tensors.",
-        "",
-    ]
-    out += _markdown_worst(report, worst)
+    if words.covers:
+        out += [
+            f"{words.covers} {fmt_percent(cov['lora_fraction_of_changed'])} of the "
+            f"{cov['changed']} changed tensors.",
+            "",
+        ]
+    out += _markdown_departing(report)
+    if report.mode != "none":
+        out += _markdown_worst(report, worst)
     out += _markdown_outside(report, worst)
+    out += _markdown_nonfinite(report)
     out += ["## Per layer", ""]
     out += [
-        "Cosine and relative error over the layer's tensors with a LoRA delta and a task "
-        "vector; *worst module* has the lowest cosine.",
+        f"Cosine and relative error over the layer's tensors with {words.l_name or 'L'} and "
+        "a nonzero task vector; *worst module* has the lowest cosine.",
         "",
     ]
-    header = ("layer", "tensors", "LoRA", "changed", "mean cosine", "min cosine")
-    header += ("max rel. error", "worst module")
-    out += _table(header, _layer_rows(report), "lrrrrrrl")
+    header = ("layer", "tensors", words.l_column, "changed", "mean cosine", "min cosine")
+    header += ("max rel. error", "worst module", "departs")
+    out += _table(header, _layer_rows(report), "lrrrrrrlr")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _markdown_departing(report: CompareReport) -> list[str]:
+    rows = _departing(report)
+    if not rows:
+        return []
+    dtype = dtype_label(report.inputs.get("finetuned_dtype"))
+    out = ["## Departing tensors", "", f"More than one {dtype} ulp from base + LoRA.", ""]
+    return out + _table(
+        ("tensor", "elements 0 / 1 / more ulps", "max ulps", "bit-exact", "cosine", "rel. error"),
+        (
+            (
+                f"`{t.name}`",
+                _ulps(t),
+                _ulp_max(t),
+                fmt_percent(t.bit_exact_merge),
+                fmt_cosine(t.cosine),
+                fmt_figure(t.relative_error),
+            )
+            for t in rows
+        ),
+    )
 
 
 def _markdown_worst(report: CompareReport, n: int) -> list[str]:
@@ -284,18 +237,18 @@ def _markdown_worst(report: CompareReport, n: int) -> list[str]:
         rows = _worst(report, n, key)
         out += [f"## Worst tensors by {title}", ""]
         if not rows:
-            out += ["No tensor has both a LoRA delta and a task vector.", ""]
+            out += ["No tensor has both L and a nonzero task vector.", ""]
             continue
         out += _table(
-            ("tensor", "cosine", "relative error", "max abs diff", "rounding bound", "within"),
+            ("tensor", "verdict", "cosine", "relative error", "rounding floor", "max ulps"),
             (
                 (
                     f"`{t.name}`",
+                    (verdict(t) or "n/a").replace("_", " "),
                     fmt_cosine(t.cosine),
                     fmt_figure(t.relative_error),
-                    fmt_figure(t.max_abs_diff),
-                    fmt_figure(t.rounding_bound),
-                    fmt_percent(t.within_rounding),
+                    fmt_figure(t.rounding_floor),
+                    _ulp_max(t),
                 )
                 for t in rows
             ),
@@ -309,11 +262,22 @@ def _markdown_outside(report: CompareReport, n: int) -> list[str]:
         return []
     out = [f"## {title}", "", "Not by dtype rounding alone; largest task vector first.", ""]
     out += _table(
-        ("tensor", "task vector norm"), ((f"`{t.name}`", fmt_figure(t.tv_norm)) for t in rows)
+        ("tensor", "task vector norm", "max ulps from base"),
+        ((f"`{t.name}`", fmt_figure(t.tv_norm), _ulp_max(t)) for t in rows),
     )
     if more:
         out += [f"... and {more} more (all are in the JSON report).", ""]
     return out
+
+
+def _markdown_nonfinite(report: CompareReport) -> list[str]:
+    rows = [t for t in report.tensors if t.nonfinite]
+    if not rows:
+        return []
+    out = ["## Non-finite values", "", "Elements where T or L is NaN or infinite.", ""]
+    return out + _table(
+        ("tensor", "elements"), ((f"`{t.name}`", fmt_count(t.nonfinite)) for t in rows)
+    )
 
 
 # -- terminal ------------------------------------------------------------------------------
@@ -333,25 +297,13 @@ def terminal(report: CompareReport, *, worst: int = 5) -> str:
         out += ["", "Summary"]
         right_rows = rows[half:] + [("", "")] * (2 * half - len(rows))
         for left, right in zip(rows[:half], right_rows, strict=True):
-            cell = f"  {left[0]:<38}{left[1]:>12}"
+            cell = f"  {left[0]:<38}{left[1]:>10}"
             if right[0]:
-                cell += f"    {right[0]:<28}{right[1]:>14}"
+                cell += f"    {right[0]:<36}{right[1]:>8}"
             out.append(cell.rstrip())
-    out += ["", f"  {'Coverage':<54}{'tensors':>10}{'share':>9}"]
-    out += [f"  {a:<54}{b:>10}{c:>9}" for a, b, c in _coverage_rows(report)]
-    for title, key in (("lowest cosine", "cosine"), ("highest relative error", "relative_error")):
-        rows_t = _worst(report, worst, key)
-        if not rows_t:
-            continue
-        out += ["", f"Worst {len(rows_t)} by {title}"]
-        head = f"  {'cosine':>14} {'rel.err':>9} {'max|L-T|':>9} {'within':>7}  "
-        out.append(head + "tensor")
-        for t in rows_t:
-            out.append(
-                f"  {fmt_cosine(t.cosine):>14} {fmt_figure(t.relative_error):>9} "
-                f"{fmt_figure(t.max_abs_diff):>9} {fmt_percent(t.within_rounding):>7}  "
-                + _clip(t.name, _WIDTH - len(head))
-            )
+    out += ["", f"  {'Coverage':<68}{'tensors':>10}{'share':>10}"]
+    out += [f"  {a:<68}{b:>10}{c:>10}" for a, b, c in _coverage_rows(report)]
+    out += _terminal_tensors(report, worst)
     title, rows_o, more = _outside(report, worst)
     if rows_o:
         out += ["", f"{title}, largest task vector first", f"  {'||T||':>14}  tensor"]
@@ -359,3 +311,28 @@ def terminal(report: CompareReport, *, worst: int = 5) -> str:
         if more:
             out.append(f"  ... and {more} more")
     return "\n".join(out)
+
+
+def _terminal_tensors(report: CompareReport, n: int) -> list[str]:
+    """The departing tensors, then the worst by cosine and by relative error."""
+    out = []
+    head = f"  {'verdict':<10} {'cosine':>14} {'rel.err':>9} {'floor':>9} {'max ulps':>9}  "
+    sections = [("Departing from base + LoRA", _departing(report)[:n])]
+    if report.mode != "none":
+        sections += [
+            (f"Worst {len(rows)} by {title}", rows)
+            for title, key in (("lowest cosine", "cosine"), ("highest relative error", "rel"))
+            if (rows := _worst(report, n, "cosine" if key == "cosine" else "relative_error"))
+        ]
+    for title, rows in sections:
+        if not rows:
+            continue
+        out += ["", title, head + "tensor"]
+        for t in rows:
+            out.append(
+                f"  {_SHORT.get(verdict(t) or '', verdict(t) or 'n/a'):<10} "
+                f"{fmt_cosine(t.cosine):>14} {fmt_figure(t.relative_error):>9} "
+                f"{fmt_figure(t.rounding_floor):>9} {_ulp_max(t):>9}  "
+                + _clip(t.name, _WIDTH - len(head))
+            )
+    return out
