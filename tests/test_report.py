@@ -140,8 +140,8 @@ def demo_report(layers: int = 24) -> CompareReport:
 
 
 def want_verdict(t: TensorComparison) -> str | None:
-    """reproduced: bit-exact; explained: within one ulp; departs beyond that where the ulp
-    decides (bf16 / fp16) or our merge was compared; undecided otherwise; None unmeasured."""
+    """reproduced: bit-exact; explained: within one ulp; beyond that departs if compared
+    with our merge, else undecided; None unmeasured."""
     if not t.has_lora:
         return None
     if t.bit_exact_merge == 1.0:
@@ -150,9 +150,7 @@ def want_verdict(t: TensorComparison) -> str | None:
         return None
     if t.ulp_counts[2] == 0 and (t.ulp_max is None or t.ulp_max <= 1):
         return "explained_by_rounding"
-    if t.bit_exact_merge is not None or t.finetuned_dtype in ("bfloat16", "float16"):
-        return "departs"
-    return "undecided"
+    return "departs" if t.bit_exact_merge is not None else "undecided"
 
 
 # -- summary and coverage against numpy --------------------------------------------------------
@@ -391,8 +389,8 @@ def test_headline_names_departures_and_mixed_causes():
         "160 of 168 LoRA tensors are exactly base + LoRA merged as PEFT does (bit for bit); "
         "6 are base + LoRA within one bf16 ulp (99.94% of elements exactly the correctly "
         "rounded sum, the rest one ulp away); 2 depart from base + LoRA: "
-        "model.layers.7.mlp.down_proj.weight, model.layers.8.mlp.down_proj.weight (400 "
-        "elements more than one bf16 ulp away, up to 40 ulps); 1 changed outside the "
+        "model.layers.7.mlp.down_proj.weight, model.layers.8.mlp.down_proj.weight (400 of "
+        "8,192 elements more than one bf16 ulp away, up to 40 ulps); 1 changed outside the "
         "adapter, 50 others changed only by bf16 rounding of an fp32 base"
     )
 
@@ -421,17 +419,37 @@ def test_headline_names_departures_and_mixed_causes():
             [lora_row("a", 0.9999, 0.1), lora_row("b", 0.9995, 0.1)],
             "LoRA explains the task vector on 2 of 2 changed tensors (mean cosine 0.99970)",
         ),
-        (  # one departing fp16 tensor, with a NaN against a number; one fp32 undecided
+        (  # departing (not our merge), with a NaN against a number; undecided (not compared)
             [
-                lora_row("a", 0.9, 0.1, **departing(5, None, dtype="float16", bit_exact=None)),
+                lora_row("a", 0.9, 0.1, **departing(5, None, dtype="float16", bit_exact=0.5)),
                 lora_row("b", 0.9, 0.1, **departing(7, 9, dtype="float32", bit_exact=None)),
                 plain_row("c", CHANGED_NOT_LORA, ulp_counts=(4095, 1, 0), ulp_max=1),
             ],
-            "1 of 2 LoRA tensors departs from base + LoRA: a (5 elements more than one dtype "
-            "ulp away, some NaN where base + LoRA is a number); 1 is undecided (7 elements "
-            "more than one dtype ulp away, up to 9 ulps, as float32 rounding of the delta "
-            "gives near zero; a bit-exact comparison with our merge decides); 1 changed "
-            "outside the adapter (all within one dtype ulp of the base)",
+            "1 of 2 LoRA tensors departs from base + LoRA: a (5 of 4,096 elements more than "
+            "one dtype ulp away, some NaN where base + LoRA is a number); 1 is undecided "
+            "without a bit-exact comparison with our merge: b (7 of 4,096 elements more than "
+            "one dtype ulp away, up to 9 ulps); 1 changed outside the adapter (all within one "
+            "dtype ulp of the base)",
+        ),
+        (  # a LoRA merged at another alpha, not compared with our merge: the scale is named
+            [
+                TensorComparison(
+                    "a",
+                    LORA_AND_CHANGED,
+                    4096,
+                    1.0,
+                    1.0,
+                    0.5,
+                    1.0,
+                    2.0,
+                    1.0,
+                    None,
+                    **departing(4000, 300, dtype="bfloat16", bit_exact=None),
+                ),
+            ],
+            "The LoRA tensor is undecided without a bit-exact comparison with our merge: a "
+            "(4,000 of 4,096 elements more than one bf16 ulp away, up to 300 ulps, "
+            "||L|| / ||T|| = 2)",
         ),
         (
             [lora_row("a", 1.0, 0.0, **with_max(explained(0))), plain_row("b", UNCHANGED)],

@@ -123,11 +123,18 @@ def _verdict_clauses(lora: list[TensorComparison], dtype: str) -> list[str]:
             f"{subject(departing, 'departs', 'depart')} from base + LoRA: {_names(departing)} "
             f"({_beyond(departing, dtype)})"
         )
-    undecided = [t for t in lora if verdict(t) == UNDECIDED]
+    undecided = sorted(
+        (t for t in lora if verdict(t) == UNDECIDED),
+        key=lambda t: (-(t.ulp_counts[2] if t.ulp_counts else 0), t.name),
+    )
     if undecided:
+        # subtle: rounding the delta before the sum (as merges do) can put elements near zero
+        # many ulps away; without the bit-exact comparison that is not a departure.
+        ratio = norm_ratio(undecided)
+        scale = f", ||L|| / ||T|| = {fmt_figure(ratio)}" if _off_scale(ratio) else ""
         parts.append(
-            f"{subject(undecided)} undecided ({_beyond(undecided, dtype)}, as float32 rounding "
-            "of the delta gives near zero; a bit-exact comparison with our merge decides)"
+            f"{subject(undecided)} undecided without a bit-exact comparison with our merge: "
+            f"{_names(undecided)} ({_beyond(undecided, dtype)}{scale})"
         )
     unmeasured = [t for t in lora if verdict(t) is None]
     if unmeasured:
@@ -135,10 +142,17 @@ def _verdict_clauses(lora: list[TensorComparison], dtype: str) -> list[str]:
     return parts
 
 
+def _off_scale(ratio: float | None) -> bool:
+    """A median ``||L|| / ||T||`` further from 1 than rounding makes it (another alpha)."""
+    return ratio is not None and abs(ratio - 1) > _SCALE_TOLERANCE
+
+
 def _beyond(tensors: list[TensorComparison], dtype: str) -> str:
     """How far the tensors are from base + LoRA: elements beyond one ulp, the furthest."""
-    (_, _, more), far = ulp_totals(tensors)  # type: ignore[misc]
-    text = f"{fmt_count(more)} {verb(more, 'element', 'elements')} more than one {dtype} ulp away"
+    (n0, n1, more), far = ulp_totals(tensors)  # type: ignore[misc]
+    text = (
+        f"{fmt_count(more)} of {fmt_count(n0 + n1 + more)} elements more than one {dtype} ulp away"
+    )
     if far is None:
         return text + ", some NaN where base + LoRA is a number"
     return text + f", up to {fmt_count(far)} ulps"
@@ -176,7 +190,7 @@ def _cosine_clauses(
     # subtle: a cosine is blind to scale; a LoRA merged with another alpha (or a task vector
     # applied at another --scale) would read as "explained".
     ratio = norm_ratio(good)
-    if ratio is not None and abs(ratio - 1) > _SCALE_TOLERANCE:
+    if _off_scale(ratio):
         details.append(f"but ||L|| / ||T|| = {fmt_figure(ratio)}")
     parts = [
         f"{words.subject} on {len(good)} of {cov['changed']} changed tensors"

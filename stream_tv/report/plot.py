@@ -101,11 +101,18 @@ def _draw_l_panels(fig: Any, ax_cos: Any, ax_rel: Any, report: CompareReport) ->
     words = WORDING[report.mode]
     series = _series(report)
     cmap = matplotlib.colormaps["tab10" if len(series) <= 10 else "tab20"]
+    ordered = sorted(series.items())
+    colors = [cmap(i % cmap.N) for i in range(len(ordered))]
     handles = [
-        _draw_series(ax_cos, ax_rel, label, points, cmap(i % cmap.N))
-        for i, (label, points) in enumerate(sorted(series.items()))
+        _draw_series(ax_cos, ax_rel, label, points, color)
+        for (label, points), color in zip(ordered, colors, strict=True)
     ]
+    for (_, points), color in zip(ordered, colors, strict=True):
+        _draw_extras(ax_cos, ax_rel, points, color)
     _style_log_axes(ax_cos, ax_rel)
+    if series:
+        for ax in (ax_cos, ax_rel):
+            _widen(ax)
     marked = {p[3] for points in series.values() for p in points.values()} & set(_MARK)
     floors = any(p[2] is not None for points in series.values() for p in points.values())
     _label_panels(
@@ -138,24 +145,32 @@ def _judged(report: CompareReport) -> bool:
 def _draw_series(
     ax_cos: Any, ax_rel: Any, label: str, points: dict[int, _Point], color: Any
 ) -> Any:
-    """One module's line in both panels, its rounding floor as a wide pale band under the
-    relative error, bad verdicts marked; returns the line for the legend."""
+    """One module's line in both panels; returns the line for the legend."""
     layers = sorted(points)
     style = {"color": color, "marker": "o", "markersize": 3, "lw": 1.2}
-    cos = [max(1 - points[k][0], _FLOOR) for k in layers]
-    ax_cos.plot(layers, cos, **style)
+    ax_cos.plot(layers, [max(1 - points[k][0], _FLOOR) for k in layers], **style)
     rel = [math.nan if points[k][1] is None else max(points[k][1], _FLOOR) for k in layers]
+    (line,) = ax_rel.plot(layers, rel, label=label, **style)
+    return line
+
+
+def _draw_extras(ax_cos: Any, ax_rel: Any, points: dict[int, _Point], color: Any) -> None:
+    """A module's rounding floor, as a wide pale band under its relative error, and its
+    tensors that depart (or are undecided) marked with an x. Drawn after every line, so
+    that each axis lists the series lines first."""
+    layers = sorted(points)
     floors = [points[k][2] for k in layers]
     if any(f is not None for f in floors):
         band = [math.nan if f is None else max(f, _FLOOR) for f in floors]
-        ax_rel.plot(layers, band, color=color, lw=6, alpha=0.25, solid_capstyle="round")
-    (line,) = ax_rel.plot(layers, rel, label=label, **style)
-    for i, k in enumerate(layers):
+        ax_rel.plot(layers, band, color=color, lw=6, alpha=0.25, solid_capstyle="round", zorder=1)
+    for k in layers:
         mark = _MARK.get(points[k][3] or "")
-        if mark is not None:
-            for ax, y in ((ax_cos, cos[i]), (ax_rel, rel[i])):
-                ax.plot([k], [y], "x", color=mark[0], markersize=9, mew=2)
-    return line
+        if mark is None:
+            continue
+        cos, rel = points[k][0], points[k][1]
+        for ax, y in ((ax_cos, 1 - cos), (ax_rel, rel)):
+            if y is not None:
+                ax.plot([k], [max(y, _FLOOR)], "x", color=mark[0], markersize=9, mew=2)
 
 
 def _style_log_axes(*axes: Any) -> None:
@@ -170,6 +185,18 @@ def _style_log_axes(*axes: Any) -> None:
         # default (or a custom major one) makes two scales on one axis.
         ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False))
         ax.grid(True, which="major", alpha=0.35)
+
+
+def _widen(ax: Any, decades: float = 1.5) -> None:
+    """Show at least ``decades`` on a log axis, centred on the data.
+
+    # subtle: autoscaled, a spread of 4.3e-5 to 4.7e-5 (every tensor at its rounding floor)
+    # fills the panel and reads as large ups and downs.
+    """
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 10**decades:
+        middle = math.sqrt(low * high)
+        ax.set_ylim(middle / 10 ** (decades / 2), middle * 10 ** (decades / 2))
 
 
 def _label_panels(
@@ -200,7 +227,7 @@ def _label_panels(
             color="0.3",
         )
     ax_rel.set_ylabel("||L - T|| / ||T||")
-    band = f"; pale band: the {dtype} rounding floor (base + L correctly rounded)"
+    band = f"; pale band: the {dtype} rounding floor, i.e. base + L correctly rounded"
     ax_rel.set_title(f"Relative error (lower is better{band if floors else ''})", fontsize=10)
 
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["headline", "markdown", "terminal"]
 
 _WIDTH = 100  # terminal rendering width
-_SHORT = {REPRODUCED: "reproduced", EXPLAINED: "rounding", DEPARTS: "DEPARTS"}
+_SHORT = {REPRODUCED: "reproduced", EXPLAINED: "explained", DEPARTS: "DEPARTS"}
 
 
 # -- tables shared by Markdown and the terminal --------------------------------------------
@@ -82,8 +82,9 @@ def _summary_rows(report: CompareReport) -> list[tuple[str, str]]:
         if v["undecided"]:
             rows.append(("... undecided (fp32: needs our merge)", str(v["undecided"])))
         n0, n1, more = s["ulp_counts"]
+        if s["bit_exact_merge"] is not None:
+            rows.append(("elements bit-exact as our merge", fmt_percent(s["bit_exact_merge"])))
         rows += [
-            ("elements bit-exact as our merge", fmt_percent(s["bit_exact_merge"])),
             ("elements 0 ulp from W + L", fmt_percent(n0 / (n0 + n1 + more or 1))),
             ("elements 1 ulp / more", f"{fmt_count(n1)} / {fmt_count(more)}"),
             ("max ulps from W + L", "NaN" if s["ulp_max"] is None else fmt_count(s["ulp_max"])),
