@@ -20,10 +20,10 @@ def test_demo_runs_merge_extract_compare(tmp_path):
     target = tmp_path / "demo"
     result = CliRunner().invoke(cli, ["demo", str(target), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "LoRA explains the task vector on 16 of 16 changed tensors" in result.output
+    assert "All 16 LoRA tensors are exactly base + LoRA merged as PEFT does" in result.output
 
     report = json.loads((target / "report.json").read_text())
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     cov = report["coverage"]
     assert (cov["lora_and_changed"], cov["changed_not_lora"], cov["unchanged"]) == (16, 0, 23)
     assert 0.9999 < report["summary"]["min_cosine"] <= 1.0

@@ -37,7 +37,7 @@ from .base import cli, echo_write_result, run_options
 )
 @click.option("--worst", default=5, show_default=True, help="Worst tensors listed in the terminal.")
 @click.option("--allow-missing", is_flag=True, help="Skip tensors present in only one model.")
-@run_options("compare", writes=False, nonfinite=False)
+@run_options("compare", writes=False)
 def compare(
     base: str | None,
     finetuned: str | None,
@@ -81,6 +81,10 @@ def compare(
     if to_stdout:
         click.echo(report.to_json())
     click.echo(report.render_terminal(worst=worst), err=to_stdout)
+    if options.nonfinite_for("compare") == "warn":
+        for t in report.tensors:
+            if t.nonfinite:
+                click.echo(f"warning: {t.nonfinite} NaN/Inf value(s) in {t.name}", err=True)
     for path in (json_path, md_path, plot_path):
         if path and path != "-":
             click.echo(f"wrote {path}", err=to_stdout)

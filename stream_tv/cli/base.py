@@ -32,7 +32,8 @@ def dtype_option(ctx: click.Context, param: click.Parameter, value: str | None):
 
 def _nonfinite_help(command: str) -> str:
     default = NONFINITE_DEFAULTS[command]
-    return f"What to do when an output chunk holds NaN/Inf [default for {command}: {default}]."
+    what = "the task vector or LoRA delta" if command == "compare" else "an output chunk"
+    return f"What to do when {what} holds NaN/Inf [default for {command}: {default}]."
 
 
 _READ_OPTIONS = [

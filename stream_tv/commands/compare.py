@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import engine, ops, validate
-from ..errors import InputError
+from ..errors import InputError, NonFiniteError
 from ..io.index import Checkpoint, TensorSpec
 from ..io.outdir import check_output_file, write_file
 from ..jobs import Job, Outcome, run_job
@@ -73,7 +73,16 @@ def compare(
             raise InputError("--plot needs matplotlib: pip install 'stream-tv[plot]'") from None
     for flag, path in files.items():
         check_output_file(path, job.inputs, flag=flag)
-    report = run_job(job, options or RunOptions())
+    options = options or RunOptions()
+    report = run_job(job, options)
+    bad = {t.name: t.nonfinite for t in report.tensors if t.nonfinite}
+    if bad and options.nonfinite_for("compare") == "error":
+        shown = ", ".join(f"{n} ({c})" for n, c in list(bad.items())[:5])
+        raise NonFiniteError(
+            f"NaN/Inf in the task vector or the LoRA delta of {len(bad)} tensor(s): {shown}",
+            hint="check the inputs (stream-tv inspect), or pass --on-nonfinite warn to report "
+            "them (they are counted per tensor and left out of every figure)",
+        )
     if "--json" in files:
         write_file(files["--json"], report.to_json().encode())
     if "--markdown" in files:
@@ -153,7 +162,10 @@ def plan_compare(
             "non_float_skipped": non_float,
             **({"adapter_config": _adapter_summary(adapter)} if adapter is not None else {}),
         }
-        return CompareReport(inputs=inputs, tensors=[outcome.stats.results[n] for n in names])
+        mode = "task_vectors" if len(tvs) == 2 else ("adapter" if adapter is not None else "none")
+        return CompareReport(
+            inputs=inputs, tensors=[outcome.stats.results[n] for n in names], mode=mode
+        )
 
     doubts = []
     for ckpt, flag in ((b, "--base"), (f, "--finetuned")):
@@ -239,6 +251,17 @@ def _source(
     return src
 
 
+def _merged_rows(rt, chunk: engine.Chunk, x, src: _Source, dtype: torch.dtype) -> torch.Tensor:
+    """The rows ``stream-tv merge`` writes for this chunk (PEFT's merge), in the fine-tuned
+    tensor's dtype: an fp32 base merged, then saved as bf16, is cast as ``.to()`` does."""
+    w = x[src.replacement] if src.replacement is not None else x[src.base]
+    out = torch.empty(
+        (chunk.stop - chunk.start, *rt.tm.shape[1:]), dtype=rt.tm.dtype, device=w.device
+    )
+    out = rt.merge_rows(w, chunk.start, chunk.stop, out, precision="exact-peft")
+    return out if out.dtype == dtype else out.to(dtype)
+
+
 def _task(src: _Source) -> engine.Task:
     main = src.inputs[src.finetuned if src.finetuned is not None else src.tv]  # type: ignore[index]
     has_lora = src.merge is not None or src.other_tv is not None
@@ -273,23 +296,27 @@ def _task(src: _Source) -> engine.Task:
             )
         else:
             t = x[src.tv].to(tv_dtype, copy=True)
-        lora = None
+        lora = merged = None
         if src.other_tv is not None:
             lora = x[src.other_tv].to(torch.float64)
         elif rt is not None:
             lora = rt.delta_rows(chunk.start, chunk.stop, w_rows=base_rows, dtype=torch.float64)
             if src.replacement is not None and base_rows is not None:
                 lora = lora + (x[src.replacement].double() - base_rows.double())
+            if src.finetuned is not None and base_rows is not None:
+                merged = _merged_rows(rt, chunk, x, src, x[src.finetuned].dtype)
         acc.update(
             tv=t,
             lora=lora,
             finetuned=x[src.finetuned] if src.finetuned is not None else None,
             base=base_rows,
+            merged=merged,
         )
         return None
 
     row_bytes = sum(s.row_numel * s.itemsize for s in src.inputs)
-    work = main.row_numel * (8 * 4 if has_lora else 8)  # float64 T, L, L-T and products
+    # float64 T, L, L - T and products; float32 merged rows and their delta
+    work = main.row_numel * (8 * 4 + 4 * 3 if has_lora else 8)
     return engine.Task(
         src.name,
         src.inputs,

@@ -1,576 +1,74 @@
-"""Tensor specs from safetensors headers only: no tensor byte is read here.
+"""A checkpoint from its headers: a directory (with an index, or its ``*.safetensors``), an
+index file, or one ``.safetensors`` file; every tensor's spec, no tensor data read.
 
-A safetensors file is ``u64 little-endian header length`` + ``JSON header`` + data. The header
-maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``, offsets
-relative to the end of the header. Everything that can be checked from the header is checked
-here, so a command fails before it reads (or writes) a byte of tensor data.
-
->>> import json, struct, tempfile, os
->>> header = json.dumps({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
->>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
->>> _ = open(path, "wb").write(struct.pack("<Q", len(header)) + header + bytes(24))
->>> spec = read_header(path)["w"]
->>> spec.shape, spec.nbytes, spec.start == 8 + len(header)
-((2, 3), 24, True)
+This module is also the package's one place to import the reading side from: it re-exports
+the specs (:mod:`.specs`), the header parser (:mod:`.header`) and the input rules
+(:mod:`.inputs`).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
-import math
 import os
 import re
-import reprlib
 import stat
-import struct
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import CorruptCheckpointError, InputError, ReferenceNotFoundError
+from .header import (
+    MAX_HEADER_BYTES,
+    header_length,
+    parse_file,
+    parse_header,
+    read_header,
+    read_metadata,
+)
+from .inputs import (
+    MAX_JSON_DEPTH,
+    FileIdentity,
+    brief,
+    check_depth,
+    identity_of,
+    not_regular,
+    os_error,
+    parse_json,
+    read_json,
+    stat_input,
+)
+from .specs import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, MAX_DIM, TensorSpec, dtype_name, parse_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 MAX_INDEX_BYTES = 64 * 1024 * 1024  # the largest Hub indexes are ~10 MB
-MAX_JSON_DEPTH = 32  # real headers, indexes and configs nest 2-6 levels
-MAX_DIM = 2**63 - 1  # torch sizes are signed 64-bit integers
 
-# safetensors dtype string -> (torch dtype, bytes per element)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype: ``dtype_name(torch.bfloat16) == "BF16"``."""
-    return DTYPE_NAMES[dtype]
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    """``"bf16"``, ``"bfloat16"``, ``"BF16"``, ``"torch.float32"``, ``"fp32"`` -> torch dtype."""
-    key = text.strip().lower().removeprefix("torch.")
-    aliases = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "f16": torch.float16,
-        "float16": torch.float16,
-        "half": torch.float16,
-        "fp32": torch.float32,
-        "f32": torch.float32,
-        "float32": torch.float32,
-        "float": torch.float32,
-        "fp64": torch.float64,
-        "f64": torch.float64,
-        "float64": torch.float64,
-        "double": torch.float64,
-    }
-    if key not in aliases:
-        raise ValueError(f"unknown dtype {text!r}; use one of bf16, fp16, fp32, fp64")
-    return aliases[key]
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """An input file as it was when its header was read: what says it is still the same file.
-
-    ``digest`` is the sha256 of the first ``header_bytes`` bytes (a safetensors file's length
-    prefix and JSON header; a JSON file's whole content). ``url`` is set, and device, inode and
-    mtime are 0, for a file read on the Hugging Face Hub (headers only, never opened here).
-    """
-
-    path: Path
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-    header_bytes: int
-    digest: str
-    url: str | None = None
-
-    def line(self) -> str:
-        """``resolved path, size, mtime, header digest``: one line of :meth:`Checkpoint.identity`."""
-        where = self.url or os.path.realpath(self.path)
-        return f"{where}\t{self.size}\t{self.mtime_ns}\tsha256:{self.digest}"
-
-    def differences(self, st: os.stat_result) -> list[str]:
-        """What differs between this identity and ``st`` (an fstat of the file opened again)."""
-        pairs = [
-            ("device", self.device, st.st_dev),
-            ("inode", self.inode, st.st_ino),
-            ("size", self.size, st.st_size),
-            ("mtime_ns", self.mtime_ns, st.st_mtime_ns),
-        ]
-        return [f"{name} {old} -> {new}" for name, old, new in pairs if old != new]
-
-
-def identity_of(sources: Iterable[FileIdentity]) -> str:
-    """A stable string naming files and their state, for a resume fingerprint.
-
-    One :meth:`FileIdentity.line` per distinct file, sorted: the same files unchanged give the
-    same string in every run; a file replaced, rewritten (size or mtime), or whose header
-    changed (even with size and mtime kept) gives another.
-    """
-    return "\n".join(sorted({s.line() for s in sources}))
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Where one tensor lives: file, absolute byte range, dtype and shape."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    file: Path
-    start: int  # absolute offset of the first byte in ``file``
-    end: int  # absolute offset one past the last byte
-    # the file as it was when this header was read; the Reader checks it again on open
-    source: FileIdentity | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def itemsize(self) -> int:
-        return self.dtype.itemsize
-
-    @property
-    def rows(self) -> int:
-        """Length of the chunked dimension: ``shape[0]``, or ``numel`` for 0-D/1-D tensors."""
-        return self.shape[0] if len(self.shape) >= 2 else max(self.numel, 0) if self.shape else 1
-
-    @property
-    def row_shape(self) -> tuple[int, ...]:
-        return self.shape[1:] if len(self.shape) >= 2 else ()
-
-    @property
-    def row_numel(self) -> int:
-        return math.prod(self.row_shape)
-
-    @property
-    def is_empty(self) -> bool:
-        """No element: ``rows`` may still be huge (``[2**62, 0]``), so process it as one step."""
-        return self.numel == 0
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_DTYPES
-
-    @property
-    def dtype_str(self) -> str:
-        return dtype_name(self.dtype)
-
-
-# ---- opening inputs: regular files only, never blocking --------------------------------
-
-_FILE_KINDS = [
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
+__all__ = [
+    "DTYPES",
+    "DTYPE_NAMES",
+    "FLOAT_DTYPES",
+    "INDEX_NAME",
+    "MAX_DIM",
+    "MAX_HEADER_BYTES",
+    "MAX_INDEX_BYTES",
+    "MAX_JSON_DEPTH",
+    "Checkpoint",
+    "FileIdentity",
+    "TensorSpec",
+    "brief",
+    "check_depth",
+    "check_finished",
+    "dtype_name",
+    "identity_of",
+    "load_checkpoint",
+    "parse_dtype",
+    "parse_header",
+    "parse_json",
+    "read_header",
+    "read_json",
+    "read_metadata",
+    "header_length",
 ]
-
-
-def _kind(mode: int) -> str:
-    return next((text for test, text in _FILE_KINDS if test(mode)), "not a regular file")
-
-
-def _not_regular(path: Path, mode: int) -> InputError:
-    return InputError(
-        f"is {_kind(mode)}, not a regular file",
-        where=str(path),
-        hint="inputs are read from regular files (or symbolic links to them); "
-        "put the file itself there",
-    )
-
-
-def _os_error(path: Path, e: OSError, what: str = "cannot read") -> InputError:
-    """One message per reason an input cannot be opened. All are bad input (exit 2)."""
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return InputError(
-            "permission denied",
-            where=str(path),
-            hint="make it readable by this user (e.g. `chmod a+r`), or run as a user who can read it",
-        )
-    if e.errno == errno.ENOENT:
-        if os.path.islink(path):
-            return ReferenceNotFoundError(
-                f"broken symbolic link (to {os.readlink(path)!r}, which does not exist)",
-                where=str(path),
-                hint="fetch the file it points to again",
-            )
-        return ReferenceNotFoundError("no such file or directory", where=str(path))
-    if e.errno == errno.ELOOP:
-        return InputError("symbolic link loop", where=str(path), hint="fix the links")
-    return InputError(f"{what}: {e.strerror or e}", where=str(path))
-
-
-def stat_input(path: Path) -> os.stat_result:
-    """``os.stat`` (following symbolic links) with every failure as one :class:`InputError`."""
-    try:
-        return os.stat(path)
-    except OSError as e:
-        raise _os_error(path, e) from e
-    except ValueError as e:  # an embedded NUL byte
-        raise InputError(f"unusable file name ({e})", where=repr(str(path))) from e
-
-
-def open_input(path: Path) -> tuple[int, os.stat_result]:
-    """Open an input read-only; return the descriptor and its ``fstat``.
-
-    Only regular files are opened; a symbolic link to one is normal (the Hugging Face cache is
-    made of them).
-
-    # subtle: open() on a FIFO blocks until a writer appears, and a character device such as
-    # /dev/zero never ends. Both are refused from a stat before opening; the open itself uses
-    # O_NONBLOCK, so one swapped in between cannot block either, and the descriptor is checked
-    # again with fstat. O_NONBLOCK changes nothing for a regular file.
-    """
-    st = stat_input(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(path, st.st_mode)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags | getattr(os, "O_NOCTTY", 0))
-    except OSError as e:
-        raise _os_error(path, e, "cannot open") from e
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise _not_regular(path, st.st_mode)
-    return fd, st
-
-
-def pread_exact(fd: int, size: int, offset: int) -> bytes:
-    """Up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
-    parts = []
-    while size > 0:
-        part = os.pread(fd, min(size, 1 << 30), offset)
-        if not part:
-            break
-        parts.append(part)
-        size -= len(part)
-        offset += len(part)
-    return b"".join(parts)
-
-
-# ---- JSON from untrusted files ------------------------------------------------------------
-
-_BRIEF = reprlib.Repr()
-_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict = 2, 6, 4
-_BRIEF.maxstring, _BRIEF.maxlong, _BRIEF.maxother = 60, 40, 60
-
-
-def brief(value: object) -> str:
-    """``repr`` cut short (depth, length, digits): safe to put any JSON value in a message."""
-    return _BRIEF.repr(value)
-
-
-def parse_json(
-    raw: bytes,
-    *,
-    where: str,
-    what: str,
-    error: type[InputError] = CorruptCheckpointError,
-    hint: str | None = None,
-) -> Any:
-    """``json.loads`` whose every failure is one ``error`` naming ``where``.
-
-    # subtle: besides JSONDecodeError, json.loads raises RecursionError on deep nesting and a
-    # plain ValueError on an integer of more than ``sys.get_int_max_str_digits()`` digits
-    # (4300 by default); both would otherwise surface as internal errors.
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise error(
-            f"{what} is not valid JSON (not UTF-8: byte {e.start} is {raw[e.start : e.start + 1]!r})",
-            where=where,
-            hint=hint,
-        ) from e
-    try:
-        return json.loads(text)
-    except RecursionError as e:
-        raise error(f"{what} is not valid JSON: nested too deeply", where=where, hint=hint) from e
-    except json.JSONDecodeError as e:
-        raise error(f"{what} is not valid JSON ({e})", where=where, hint=hint) from e
-    except ValueError as e:  # int over the digit limit
-        limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 4300
-        raise error(
-            f"{what} holds an integer of more than {limit} digits", where=where, hint=hint
-        ) from e
-
-
-def check_depth(
-    value: Any,
-    *,
-    where: str,
-    what: str,
-    error: type[InputError] = CorruptCheckpointError,
-    limit: int = MAX_JSON_DEPTH,
-) -> None:
-    """Refuse JSON nested deeper than ``limit`` (later code that recurses, such as
-    ``json.dumps`` of metadata into an output index, would hit the recursion limit)."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
-        if children is None:
-            continue
-        if depth > limit:
-            raise error(f"{what} is nested deeper than {limit} levels", where=where)
-        stack.extend((c, depth + 1) for c in children)
-
-
-def read_json(
-    path: Path,
-    *,
-    what: str,
-    limit: int,
-    error: type[InputError] = CorruptCheckpointError,
-    hint: str | None = None,
-) -> tuple[Any, FileIdentity]:
-    """Read and parse a JSON input file of at most ``limit`` bytes; also its identity."""
-    fd, st = open_input(path)
-    try:
-        if st.st_size > limit:
-            raise error(
-                f"{what} is {st.st_size} bytes, over the {limit} a JSON file may have",
-                where=str(path),
-            )
-        raw = pread_exact(fd, limit + 1, 0)
-    except OSError as e:
-        raise _os_error(path, e) from e
-    finally:
-        os.close(fd)
-    if len(raw) > limit:
-        raise error(f"{what} is over the {limit} bytes a JSON file may have", where=str(path))
-    identity = FileIdentity(
-        path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, len(raw),
-        hashlib.sha256(raw).hexdigest(),
-    )  # fmt: skip
-    return parse_json(raw, where=str(path), what=what, error=error, hint=hint), identity
-
-
-# ---- safetensors headers ------------------------------------------------------------------
-
-
-def _corrupt(path: Path | str, message: str, hint: str | None = None) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        message,
-        where=str(path),
-        hint=hint or "the file is not a valid safetensors file; re-download or re-save it",
-    )
-
-
-def read_header(path: str | os.PathLike) -> dict[str, TensorSpec]:
-    """Parse and validate one safetensors header; return specs in data order.
-
-    Checks: a regular file, header length within the file, JSON object, known dtypes, integer
-    shapes that torch can represent, byte ranges that match ``dtype x shape``, lie inside the
-    file, and neither overlap nor leave holes (the rules safetensors itself applies). Each spec
-    carries the file's :class:`FileIdentity`. Metadata is available through
-    :func:`read_metadata`.
-    """
-    specs, _, _ = _parse(Path(path))
-    return specs
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file (``{}`` when absent)."""
-    _, meta, _ = _parse(Path(path))
-    return meta
-
-
-def header_length(path: Path | str, prefix: bytes, size: int) -> int:
-    """The JSON header length from the first 8 bytes, checked against the file size."""
-    if len(prefix) < 8:
-        raise _corrupt(path, f"file is {size} bytes, too short for a safetensors header")
-    (hlen,) = struct.unpack("<Q", prefix[:8])
-    if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-        raise _corrupt(
-            path,
-            f"header length {hlen} runs past the end of the file ({size} bytes)"
-            if 8 + hlen > size
-            else f"header length {hlen} is over the {MAX_HEADER_BYTES} bytes safetensors allows",
-            "the file is truncated or not safetensors; re-download it",
-        )
-    return hlen
-
-
-def _parse(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str], FileIdentity]:
-    fd, st = open_input(path)
-    try:
-        size = st.st_size
-        prefix = pread_exact(fd, 8, 0)
-        hlen = header_length(path, prefix, size)
-        raw = pread_exact(fd, hlen, 8)
-    except OSError as e:
-        raise _os_error(path, e) from e
-    finally:
-        os.close(fd)
-    if len(raw) < hlen:
-        raise _corrupt(path, "file ended inside its header (it shrank while being read)")
-    identity = FileIdentity(
-        path, st.st_dev, st.st_ino, size, st.st_mtime_ns, 8 + hlen,
-        hashlib.sha256(prefix + raw).hexdigest(),
-    )  # fmt: skip
-    specs, meta = parse_header(path, raw, size, identity)
-    return specs, meta, identity
-
-
-def parse_header(
-    path: Path,
-    raw: bytes,
-    size: int,
-    identity: FileIdentity | None = None,
-    *,
-    where: str | None = None,
-) -> tuple[dict[str, TensorSpec], dict[str, str]]:
-    """Specs and metadata from a header's JSON bytes ``raw`` of a file of ``size`` bytes.
-
-    Pure (no file is read), so that a header fetched from the Hub is checked exactly as a
-    local one. ``path`` is the specs' file; ``where`` (default: ``path``) names it in messages.
-    """
-    loc = where or str(path)
-    header = parse_json(
-        raw,
-        where=loc,
-        what="header",
-        hint="the file is not a valid safetensors file; re-download or re-save it",
-    )
-    if not isinstance(header, dict):
-        raise _corrupt(loc, "header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise _corrupt(loc, "__metadata__ is not a JSON object")
-    for k, v in meta.items():
-        if not isinstance(v, str):  # safetensors: a map of string to string
-            raise _corrupt(loc, f"__metadata__ value of {brief(k)} is {brief(v)}, not a string")
-
-    data_start = 8 + len(raw)
-    data_len = size - data_start
-    entries: list[tuple[int, int, str, torch.dtype, tuple[int, ...]]] = []
-    for name, info in header.items():
-        n = brief(name)
-        if not isinstance(info, dict):
-            raise _corrupt(loc, f"tensor {n}: entry is not a JSON object")
-        dt = info.get("dtype")
-        if not isinstance(dt, str) or dt not in DTYPES:  # a list is unhashable: check type first
-            raise _corrupt(
-                loc,
-                f"tensor {n}: unknown dtype {brief(dt)}",
-                f"supported: {', '.join(sorted(DTYPES))}",
-            )
-        shape = info.get("shape")
-        offsets = info.get("data_offsets")
-        if not (
-            isinstance(shape, list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise _corrupt(loc, f"tensor {n}: shape {brief(shape)} is not a list of sizes")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise _corrupt(loc, f"tensor {n}: data_offsets {brief(offsets)} are not [begin, end]")
-        torch_dtype = DTYPES[dt]
-        _check_shape(loc, n, shape, torch_dtype)
-        expected = math.prod(shape) * torch_dtype.itemsize
-        if offsets[1] - offsets[0] != expected:
-            raise _corrupt(
-                loc,
-                f"tensor {n}: {offsets[1] - offsets[0]} bytes for {dt} {brief(shape)} "
-                f"(expected {brief(expected)})",
-            )
-        entries.append((offsets[0], offsets[1], name, torch_dtype, tuple(shape)))
-
-    entries.sort()
-    position = 0
-    for begin, end, name, _, _ in entries:
-        if begin < position:
-            raise _corrupt(loc, f"tensor {brief(name)}: data overlaps the previous tensor")
-        if begin > position:
-            raise _corrupt(loc, f"tensor {brief(name)}: hole of {begin - position} bytes before it")
-        position = end
-    if position > data_len:
-        raise _corrupt(
-            loc,
-            f"truncated: tensors need {brief(position)} data bytes, the file has {data_len}",
-            "the download or copy was interrupted; fetch the file again",
-        )
-    if position < data_len:
-        raise _corrupt(loc, f"{data_len - position} unexpected bytes after the last tensor")
-
-    specs = {
-        name: TensorSpec(name, dtype, shape, path, data_start + begin, data_start + end, identity)
-        for begin, end, name, dtype, shape in entries
-    }
-    return specs, dict(meta)
-
-
-def _check_shape(loc: str, name: str, shape: list[int], dtype: torch.dtype) -> None:
-    """Refuse a shape torch cannot hold, decided from the header alone.
-
-    A tensor with data has ``numel * itemsize`` bytes inside the file, so every size and
-    stride fits in 64 bits. An empty one (a 0 in its shape) has none, and its other sizes are
-    unbounded by the file: ``[2**62, 0]`` is a valid empty tensor, ``[2**64, 0]`` is no
-    tensor at all, and ``[0, 2**62, 2**62]`` overflows torch's stride computation. torch
-    itself decides, on the meta device (no memory).
-    """
-    big = next((d for d in shape if d > MAX_DIM), None)
-    if big is not None:
-        raise _corrupt(
-            loc,
-            f"tensor {name}: size {brief(big)} in shape {brief(shape)} does not fit in a signed "
-            "64-bit integer, so no tensor has this shape",
-        )
-    if 0 in shape:
-        try:
-            torch.empty(shape, dtype=dtype, device="meta")
-        except (RuntimeError, ValueError, OverflowError, TypeError) as e:
-            raise _corrupt(
-                loc,
-                f"tensor {name}: torch cannot represent shape {brief(shape)} "
-                f"({str(e).splitlines()[0][:80]})",
-            ) from e
-
-
-# ---- checkpoints: a directory, an index or one file ---------------------------------------
 
 
 @dataclass
@@ -630,7 +128,7 @@ def load_checkpoint(path: str | os.PathLike, *, reference: str | None = None) ->
     if stat.S_ISDIR(st.st_mode):
         return _load_directory(p, ref)
     if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(p, st.st_mode)
+        raise not_regular(p, st.st_mode)
     if p.name.endswith(".index.json"):
         check_finished(p.parent)
         return _load_index(p, ref)
@@ -640,7 +138,7 @@ def load_checkpoint(path: str | os.PathLike, *, reference: str | None = None) ->
             where=str(p),
             hint="pass a directory, a .safetensors file or its .index.json",
         )
-    specs, _, identity = _parse(p)
+    specs, _, identity = parse_file(p)
     return Checkpoint(ref, [p], specs, root=p.parent, sources={p: identity})
 
 
@@ -648,7 +146,7 @@ def _list_dir(p: Path) -> list[str]:
     try:
         return sorted(os.listdir(p))
     except OSError as e:
-        raise _os_error(p, e, "cannot list the directory") from e
+        raise os_error(p, e, "cannot list the directory") from e
 
 
 def check_finished(directory: Path, names: Iterable[str] | None = None) -> None:
@@ -757,7 +255,7 @@ def _load_directory(p: Path, ref: str) -> Checkpoint:
     sources: dict[Path, FileIdentity] = {}
     for fname in files:
         f = p / fname
-        specs, _, sources[f] = _parse(f)
+        specs, _, sources[f] = parse_file(f)
         for name, spec in specs.items():
             if name in tensors:
                 raise CorruptCheckpointError(
@@ -842,11 +340,11 @@ def _load_index(index: Path, ref: str) -> Checkpoint:
             raise missing_shard(index, fname, meta) from None
         except OSError as e:
             if e.errno != errno.ENAMETOOLONG:
-                raise _os_error(fpath, e) from e
+                raise os_error(fpath, e) from e
             raise CorruptCheckpointError(  # e.g. a name longer than the file system allows
                 f"index names an unusable file {fname[:80]!r}: {e.strerror}", where=str(index)
             ) from e
-        headers[fname], _, sources[fpath] = _parse(fpath)
+        headers[fname], _, sources[fpath] = parse_file(fpath)
     tensors = select_tensors(by_file, headers, where=str(index))
     files = [root / f for f in headers]
     return Checkpoint(ref, files, tensors, root=root, metadata=meta, sources=sources)

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptCheckpointError, InputError
-from .index import FileIdentity, TensorSpec, open_input, pread_exact
+from .inputs import FileIdentity, open_input, pread_exact
+from .specs import TensorSpec
 
 _CHANGED_HINT = (
     "it was modified or replaced while stream-tv was running; rerun the command once nothing "

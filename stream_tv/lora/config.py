@@ -392,6 +392,50 @@ def parse_config(data: Any, *, where: str | None = None) -> AdapterConfig:
     def bad(name: str, message: str, hint: str | None = None) -> AdapterError:
         return AdapterError(f"{CONFIG_NAME} field {name!r}: {message}", where=where, hint=hint)
 
+    init = _refuse_variants(data, bad)
+    r = _positive_int(data.get("r", 8), "r", bad)
+    alpha = _number(data.get("lora_alpha", 8), "lora_alpha", bad)
+    rank_pattern = _pattern(data.get("rank_pattern"), "rank_pattern", bad, rank=True)
+    alpha_pattern = _pattern(data.get("alpha_pattern"), "alpha_pattern", bad, rank=False)
+
+    bias = data.get("bias", "none") or "none"
+    if bias not in ("none", "all", "lora_only"):
+        raise bad("bias", f"{bias!r} is not one of 'none', 'all', 'lora_only'")
+
+    target = data.get("target_modules")
+    if isinstance(target, list):
+        target = tuple(str(t) for t in target)
+    elif target is not None and not isinstance(target, str):
+        raise bad("target_modules", f"{_short(target)} is neither a list nor a regex string")
+    to_save = data.get("modules_to_save") or ()
+    if isinstance(to_save, str):
+        to_save = (to_save,)
+    if not isinstance(to_save, (list, tuple)):
+        raise bad("modules_to_save", f"{_short(to_save)} is not a list of module names")
+
+    return AdapterConfig(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=bool(data.get("use_rslora", False)),
+        rank_pattern=MappingProxyType(rank_pattern),
+        alpha_pattern=MappingProxyType(alpha_pattern),
+        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        target_modules=target,
+        modules_to_save=tuple(str(m) for m in to_save),
+        lora_bias=bool(data.get("lora_bias", False)),
+        bias=bias,
+        use_dora=bool(data.get("use_dora", False)),
+        init_lora_weights=init,
+        ensure_weight_tying=bool(data.get("ensure_weight_tying", False)),
+        peft_type="LORA",
+        base_model_name_or_path=data.get("base_model_name_or_path"),
+        where=where,
+        raw=MappingProxyType(dict(data)),
+    )
+
+
+def _refuse_variants(data: dict, bad) -> bool | str:
+    """Refuse a config whose merge is not base + LoRA (or DoRA); return ``init_lora_weights``."""
     peft_type = data.get("peft_type")
     if peft_type is None:
         raise bad("peft_type", "missing", 'a LoRA adapter has "peft_type": "LORA"')
@@ -434,46 +478,7 @@ def parse_config(data: Any, *, where: str | None = None) -> AdapterConfig:
             "is set together with use_dora; PEFT does not support DoRA with lora_bias",
             "re-train without one of them",
         )
-
-    r = _positive_int(data.get("r", 8), "r", bad)
-    alpha = _number(data.get("lora_alpha", 8), "lora_alpha", bad)
-    rank_pattern = _pattern(data.get("rank_pattern"), "rank_pattern", bad, rank=True)
-    alpha_pattern = _pattern(data.get("alpha_pattern"), "alpha_pattern", bad, rank=False)
-
-    bias = data.get("bias", "none") or "none"
-    if bias not in ("none", "all", "lora_only"):
-        raise bad("bias", f"{bias!r} is not one of 'none', 'all', 'lora_only'")
-
-    target = data.get("target_modules")
-    if isinstance(target, list):
-        target = tuple(str(t) for t in target)
-    elif target is not None and not isinstance(target, str):
-        raise bad("target_modules", f"{_short(target)} is neither a list nor a regex string")
-    to_save = data.get("modules_to_save") or ()
-    if isinstance(to_save, str):
-        to_save = (to_save,)
-    if not isinstance(to_save, (list, tuple)):
-        raise bad("modules_to_save", f"{_short(to_save)} is not a list of module names")
-
-    return AdapterConfig(
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=bool(data.get("use_rslora", False)),
-        rank_pattern=MappingProxyType(rank_pattern),
-        alpha_pattern=MappingProxyType(alpha_pattern),
-        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
-        target_modules=target,
-        modules_to_save=tuple(str(m) for m in to_save),
-        lora_bias=bool(data.get("lora_bias", False)),
-        bias=bias,
-        use_dora=bool(data.get("use_dora", False)),
-        init_lora_weights=init,
-        ensure_weight_tying=bool(data.get("ensure_weight_tying", False)),
-        peft_type="LORA",
-        base_model_name_or_path=data.get("base_model_name_or_path"),
-        where=where,
-        raw=MappingProxyType(dict(data)),
-    )
+    return init
 
 
 def _is_set(value: Any) -> bool:
