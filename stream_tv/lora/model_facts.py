@@ -532,7 +532,9 @@ def ambiguous_layouts(
     return sorted(out)
 
 
-def ambiguous_layout_error(names: Iterable[str], *, where: str | None = None) -> AdapterError:
+def ambiguous_layout_error(
+    names: Iterable[str], *, where: str | None = None, why: str = ""
+) -> AdapterError:
     """The refusal for :func:`ambiguous_layouts`: what, why, and the two ways to settle it."""
     names = sorted(names)
     shown = ", ".join(repr(n) for n in names[:3]) + (
@@ -540,7 +542,8 @@ def ambiguous_layout_error(names: Iterable[str], *, where: str | None = None) ->
     )
     return AdapterError(
         f"LoRA modules {shown} have square base weights: a Linear (out, in) and a GPT-2 "
-        "Conv1D (in, out) fit equally, and PEFT transposes the delta only for a Conv1D",
+        "Conv1D (in, out) fit equally, and PEFT transposes the delta only for a Conv1D"
+        + (f" ({why})" if why else ""),
         where=where,
         hint="install the model definition (pip install 'stream-tv[transformers]', with the "
         "base's config.json next to it), or say it per module pattern: --fan-in-fan-out "
