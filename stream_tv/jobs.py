@@ -7,7 +7,9 @@ returns a :class:`Job`, and that reads no tensor data. The job says
 - ``checks``: tasks that write nothing and run first (e.g. integer buffers must be equal),
   so a refusal that depends on data comes before any output file exists;
 - ``output``: where the tasks' outputs go, with the provenance recorded in the index, the
-  inputs (never written; their identity keys a resume) and the side files to copy;
+  inputs (never written; their identity keys a resume), the side files to copy and the
+  ``config.json`` values to change in the copy (``merge``: ``tie_word_embeddings`` where
+  PEFT unties a head);
 - ``command``: its name, which sets its NaN/Inf default (``options.NONFINITE_DEFAULTS``);
 - ``result``: how to turn the :class:`Outcome` into the command's result object.
 
@@ -25,9 +27,11 @@ For example (the whole of ``stream_tv.extract_task_vector``, less ``--skip-uncha
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -36,7 +40,7 @@ import torch
 
 from . import __version__, engine
 from .engine import RunStats, Sink, Task
-from .errors import DiskError, Interrupted
+from .errors import DiskError, InternalError, Interrupted
 from .io.index import Checkpoint
 from .io.writer import (
     OutputPlan,
@@ -48,6 +52,7 @@ from .options import RunOptions
 from .units import format_size
 
 R = TypeVar("R")
+CONFIG_NAME = "config.json"
 
 # Files copied from the base next to a written model so transformers loads it directly.
 SIDE_FILES = (
@@ -75,6 +80,7 @@ class Output:
     provenance: dict[str, object]  # the rest of the index metadata (inputs, options)
     inputs: Sequence[Path]  # input files and directories: never written, identity checked
     side_files_from: Path | None = None  # config/tokenizer files copied next to the shards
+    config_updates: Mapping[str, object] = field(default_factory=dict)  # set in config.json
 
     @property
     def metadata(self) -> dict[str, object]:
@@ -189,6 +195,8 @@ def _write(
             todo, writer, progress=options.progress, description=label, on_nonfinite=on_nonfinite
         )
         copy_side_files(out.side_files_from, out.path, SIDE_FILES)
+        if out.config_updates:
+            update_config(out.path / CONFIG_NAME, out.config_updates)
         writer.finish({k: v if isinstance(v, str) else _json_value(v) for k, v in metadata.items()})
     except Interrupted as e:
         writer.abort()
@@ -207,6 +215,17 @@ def _write(
         "shards": len(plan.shards),
         "resumed_shards": resumed,
     }
+
+
+def update_config(path: Path, updates: Mapping[str, object]) -> None:
+    """Set top-level values in the copied ``config.json`` (keys kept in order), atomically."""
+    if not path.is_file():
+        raise InternalError(f"{path}: config updates {dict(updates)} but no config.json was copied")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(updates)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _inputs_identity(inputs: Sequence[Path]) -> str:

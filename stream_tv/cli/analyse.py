@@ -7,7 +7,7 @@ import json
 import click
 
 from ..options import RunOptions
-from .base import cli, echo_write_result, run_options
+from .base import cli, echo_write_result, layout_options, run_options
 
 
 @cli.command()
@@ -34,6 +34,7 @@ from .base import cli, echo_write_result, run_options
 )
 @click.option("--worst", default=5, show_default=True, help="Worst tensors listed in the terminal.")
 @click.option("--allow-missing", is_flag=True, help="Skip tensors present in only one model.")
+@layout_options
 @run_options("compare", writes=False, nonfinite=False)
 def compare(
     base: str | None,
@@ -45,6 +46,7 @@ def compare(
     plot_path: str | None,
     worst: int,
     allow_missing: bool,
+    layouts: dict[str, bool],
     options: RunOptions,
 ) -> None:
     """Compare a LoRA delta (scaling * B @ A) with the task vector of the model it produced.
@@ -83,6 +85,7 @@ def compare(
         adapter=adapter,
         task_vectors=task_vectors,
         allow_missing=allow_missing,
+        layouts=layouts,
         options=options,
     )
     click.echo(report.render_terminal(worst=worst))

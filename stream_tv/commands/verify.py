@@ -41,7 +41,7 @@ from ..refs import open_checkpoint
 from ..units import format_size
 from .apply import plan_apply
 from .extract import plan_extract
-from .merge import plan_lora_delta, plan_merge
+from .merge import plan_lora_delta, plan_merge, recorded_layouts
 
 
 @dataclass
@@ -275,7 +275,8 @@ def _replan_merge(given, metadata, output, root) -> tuple[Job, str]:
     b = open_checkpoint(given.base)
     ads = [Adapter.load(a) for a in given.adapters]
     precision = str(metadata.get("precision") or "exact-peft")
-    job = plan_merge(b, ads, root, weights=weights, precision=precision)
+    layouts = recorded_layouts(metadata)
+    job = plan_merge(b, ads, root, weights=weights, precision=precision, layouts=layouts)
     return job, f"{b.reference} + " + " + ".join(a.reference for a in ads)
 
 
@@ -289,7 +290,9 @@ def _replan_lora_delta(given, metadata, output, root) -> tuple[Job, str]:
     b = open_checkpoint(given.base) if given.base is not None else None
     weight = _numbers({"weight": [metadata.get("weight", 1.0)]}, "weight")[0]
     dtype = _recorded_dtype(metadata) or torch.float32
-    return plan_lora_delta(ad, root, base=b, dtype=dtype, weight=weight), ad.reference
+    layouts = recorded_layouts(metadata)
+    job = plan_lora_delta(ad, root, base=b, dtype=dtype, weight=weight, layouts=layouts)
+    return job, ad.reference
 
 
 _Replanner = Callable[

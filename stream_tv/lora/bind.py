@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterError
+from ..errors import AdapterError, ModelDefinitionError
 from ..io.index import Checkpoint, TensorSpec
 from .adapter import Adapter, LoraModule
 from .config import pattern_key
-from .model_facts import CONFIG_NAME, ModelFacts, NoFacts, read_model_facts
+from .model_facts import CONFIG_NAME, ModelFacts, NoFacts, read_model_facts, transformers_status
 from .plan import MergePlan, Planned, TensorMerge
 
 # Bytes compared per read when two stored tensors must be compared (tied weights).
@@ -103,10 +103,14 @@ def facts_for(
     """The model facts of ``base`` for ``adapter`` (cached per base files and class), or
     :class:`NoFacts` saying why there are none. A config that names a class which cannot be
     built raises (:class:`~stream_tv.errors.ModelDefinitionError`): never guessed around."""
-    given = config is not None
-    config = config if given else read_config(base)
+    tf, why = transformers_status()
+    if tf is None:
+        return NoFacts(why, "pip install 'stream-tv[transformers]'")
+    config = config if config is not None else read_config(base)
     if config is None:
         return NoFacts("the base has no config.json", "put the base model's config.json next to it")
+    if not config.get("model_type"):
+        return NoFacts("config.json has no model_type", "it is not a transformers config")
     architecture = peft_class(adapter)
     if not config.get("architectures") and architecture is None:
         return NoFacts(
@@ -119,7 +123,17 @@ def facts_for(
         architecture,
     )
     if key not in _FACTS_CACHE:
-        facts = read_model_facts(base, config=config, architecture=architecture)
+        try:
+            facts = read_model_facts(base, config=config, architecture=architecture)
+        except ModelDefinitionError as e:
+            if architecture is None or architecture in (config.get("architectures") or []):
+                raise
+            raise AdapterError(
+                f"the adapter was trained on {architecture} (adapter_config.json auto_mapping), "
+                f"but the base's config.json does not build one: {e.message}",
+                where=adapter.reference,
+                hint="check that the adapter belongs to this base model",
+            ) from e
         if len(_FACTS_CACHE) > 16:
             _FACTS_CACHE.clear()
         _FACTS_CACHE[key] = facts

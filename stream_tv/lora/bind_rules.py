@@ -106,12 +106,19 @@ class RulesBinder:
                 f"the model definition, which is not available: {self.basis}",
                 NEEDS_FACTS_HINT,
             )
+        nested = next((m.name for m in a.modules if ".base_layer." in m.name), None)
+        if nested is not None:
+            raise self.bad(
+                f"LoRA module {nested!r} sits inside another PEFT layer (MultiheadAttention's "
+                f"out_proj); its merge needs the model definition: {self.basis}",
+                NEEDS_FACTS_HINT,
+            )
         pending = [
             (m, *self.resolve(m.name, "weight", f"LoRA module {m.name!r}")) for m in a.modules
         ]
         bound = [self.module(m, key, tied) for m, key, tied in pending]
         if self.ambiguous:
-            why = "; ".join(sorted(set(self.ambiguous.values())))
+            why = "; ".join([*sorted(set(self.ambiguous.values())), self.basis])
             raise ambiguous_layout_error(self.ambiguous, where=a.reference, why=why)
         saved = [self.saved(s) for s in a.saved]
         self.check_ties(bound, saved)
@@ -134,7 +141,8 @@ class RulesBinder:
                 raise self.bad(
                     f"{what} targets {module!r}, which the base has neither as "
                     f"{module}.weight nor as an input embedding named like "
-                    "embed_tokens/wte/word_embeddings (the name rules' guess of a tied head)",
+                    "embed_tokens/wte/word_embeddings (the name rules' guess of a tied head; "
+                    f"{self.basis})",
                     NEEDS_FACTS_HINT,
                 )
             return self.embed_key, True
@@ -152,12 +160,6 @@ class RulesBinder:
             raise bad(
                 f"LoRA module {m.name!r}: base tensor {key!r} has dtype {spec.dtype_str}",
                 "quantised bases cannot be merged exactly; use an unquantised base",
-            )
-        if ".base_layer." in m.name:
-            raise bad(
-                f"LoRA module {m.name!r} sits inside another PEFT layer (MultiheadAttention's "
-                f"out_proj); its merge needs the model definition: {self.basis}",
-                NEEDS_FACTS_HINT,
             )
         position = 1 if is_output_head(m.name) else 0
         if m.kind == "tokens":
@@ -227,8 +229,8 @@ class RulesBinder:
         """Refuse what only the model definition can tell about tied embeddings."""
         heads = [k for k in self.keys if is_output_head(k.rpartition(".")[0])]
         touched = {m.base_key for m in bound} | {s.base_key for s in saved}
-        copies = [s for s in saved if not s.base_copy and self.embed_key in (s.base_key,)]
-        if self.tie is not False and not any(h in self.keys for h in heads) and copies:
+        copies = [s for s in saved if not s.base_copy and s.base_key == self.embed_key]
+        if self.tie is not False and not heads and copies:
             raise self.bad(
                 f"saved tensor {copies[0].key!r} (modules_to_save) replaces the input embedding "
                 "of a model whose head is tied to it: PEFT unties them, which needs the model "

@@ -207,16 +207,17 @@ def _check_dora_after(key: str, s: Step, earlier: list[Step], precision: str) ->
     the module's first layer.
     """
     if s.two_pass:
-        why = "its norm runs over all rows of an Embedding/Conv1D"
+        why, hint = "its norm runs over all rows of an Embedding/Conv1D", ""
     elif precision == "exact-peft" and any(e.dora or e.replaces_rows for e in earlier):
         why = "PEFT unmerges a DoRA layer by dividing by its magnitude, which is not reproduced"
+        hint = "merge with --precision fp32 (precision='fp32'), "
     else:
         return
     raise AdapterError(
         f"{key!r}: DoRA layer {s.module.name!r} of a later adapter follows another adapter on "
         f"the same module; PEFT unmerges the earlier ones to find its base and merges them "
         f"back, reproduced only for plain LoRA layers before a Linear/Conv2d DoRA layer ({why})",
-        hint="put the DoRA adapter first, or merge the adapters one at a time",
+        hint=hint + "put the DoRA adapter first, or merge the adapters one at a time",
     )
 
 
