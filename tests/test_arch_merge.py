@@ -306,3 +306,56 @@ def test_a_pattern_that_contradicts_the_model_is_refused(arch, tmp_path):
     )
     assert "--no-fan-in-fan-out says 'decoder.transformer.h.0.attn.c_proj' is a Linear" in err
     assert "defines it as Conv1D" in err
+
+
+def test_float64_dora(tmp_path):
+    """float64 weights: PEFT keeps the factors in float64; a Linear DoRA layer is reproduced
+    bit for bit, an Embedding one (its norm runs over the vocabulary in an order torch does
+    not fix for float64) is refused in exact-peft."""
+    from stream_tv.errors import AdapterError
+    from stream_tv.io.index import load_checkpoint
+    from stream_tv.lora import Adapter
+
+    pf = af.pf
+    base = pf.save_base(pf.tiny_model("llama", torch.float64), tmp_path / "base")
+    a = pf.make_adapter(
+        base,
+        tmp_path / "a",
+        r=4,
+        lora_alpha=8,
+        use_dora=True,
+        target_modules=["embed_tokens", "q_proj"],
+    )
+    ref = pf.read_tensors(pf.peft_merge(base, [a], tmp_path / "merged"))
+    plan = Adapter.load(a).bind(load_checkpoint(base))
+    with pytest.raises(AdapterError, match="float64 Embedding/Conv1D"):
+        plan.check("exact-peft")
+    out = tmp_path / "out"
+    ok("merge", base, a, "-o", out, "--precision", "fp32", *CPU, *TINY)
+    got = pf.read_tensors(out)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert got[q].dtype == torch.float64 and torch.equal(got[q], ref[q])
+    e = "model.embed_tokens.weight"
+    assert torch.allclose(got[e], ref[e], rtol=1e-14, atol=0)
+
+
+def test_the_conv1d_rules_match_transformers_source():
+    """Without the model definition a square weight is a Conv1D only under these names and
+    model types: the lists must hold every Conv1D transformers defines."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    from stream_tv.lora.bind_rules import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES
+
+    models = Path(transformers.__file__).parent / "models"
+    names, types = set(), set()
+    for path in models.glob("*/modeling_*.py"):
+        found = re.findall(r"self\.(\w+) = Conv1D\(", path.read_text())
+        if found:
+            names |= set(found)
+            config = path.parent / f"configuration_{path.parent.name}.py"
+            types |= set(re.findall(r'model_type = "([\w-]+)"', config.read_text()))
+    assert names and names <= CONV1D_MODULE_NAMES, names
+    assert types and types <= CONV1D_MODEL_TYPES, types

@@ -33,7 +33,17 @@ from .plan import MergePlan, Step, TensorMerge, step_order
 
 # transformers models whose attention/MLP layers are ``Conv1D`` (weights stored (in, out)),
 # and the attribute names those layers have (tests check both against transformers' source).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+CONV1D_MODEL_TYPES = frozenset(
+    {
+        "gpt2",
+        "openai-gpt",
+        "imagegpt",
+        "decision_transformer",
+        "clvp",
+        "clvp_encoder",
+        "clvp_decoder",
+    }
+)
 CONV1D_MODULE_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
 NEEDS_FACTS_HINT = (
     "install the model definition (pip install 'stream-tv[transformers]') and keep the base's "

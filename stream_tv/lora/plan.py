@@ -186,6 +186,16 @@ class TensorMerge:
             earlier = [e for e in self.steps[:i] if e.module.name == s.module.name]
             if s.dora and earlier:
                 _check_dora_after(self.key, s, earlier, precision)
+            if s.two_pass and self.work_dtype == torch.float64 and precision == "exact-peft":
+                # subtle: in float32 torch's norm over the stored rows is a sequential sum
+                # (SquaresAccumulator); in float64 it reduces in another order, not reproduced.
+                raise AdapterError(
+                    f"{self.key!r}: DoRA layer {s.module.name!r} on a float64 Embedding/Conv1D: "
+                    "PEFT's float64 norm over all rows sums in an order stream-tv does not "
+                    "reproduce (it differs in the last bits)",
+                    hint="merge with --precision fp32 (precision='fp32'): the same norm, "
+                    "correctly summed",
+                )
 
     @contextlib.contextmanager
     def open(self, device: torch.device | str = "cpu") -> Iterator[OpenMerge]:
