@@ -215,6 +215,20 @@ def test_compare_explains_the_whole_task_vector(arch, tmp_path, name):
     assert r["summary"]["min_cosine"] > 0.999, r["summary"]
 
 
+@pytest.mark.parametrize("name", ["vision-encoder-decoder-gpt2", "mixtral-target-parameters"])
+def test_compare_against_a_task_vector_binds_with_its_config(arch, tmp_path, name):
+    """A task vector (extract copies config.json) stands in for the base: the same binding,
+    tensors it leaves out (--skip-unchanged) are no refusal."""
+    b = arch(name)
+    tv, report = tmp_path / "tv", tmp_path / "r.json"
+    ok("extract", b.base, b.merged, "-o", tv, "--skip-unchanged", *CPU)
+    assert (tv / "config.json").is_file()
+    ok("compare", "--task-vector", tv, "--adapter", b.adapter, "--json", report, *CPU)
+    r = json.loads(report.read_text())
+    assert r["coverage"]["changed_not_lora"] == 0 and r["coverage"]["lora_and_changed"] >= 2
+    assert r["summary"]["min_cosine"] > 0.999, r["summary"]
+
+
 # ---- what each case needed: spot checks of the plans ---------------------------------------------
 
 

@@ -163,7 +163,9 @@ def _bind(
     adapter: Adapter, b: Checkpoint | None, reference: Checkpoint, layouts
 ) -> dict[str, TensorMerge]:
     """The adapter's merges by base tensor name, bound as ``merge`` binds it."""
-    plan = bind_all([adapter], [1.0], b if b is not None else reference, layouts=layouts)
+    plan = bind_all(
+        [adapter], [1.0], b if b is not None else reference, layouts=layouts, stand_in=b is None
+    )
     if b is None and any(m.needs_base for m in plan.merges.values()):
         raise InputError(
             "this adapter uses DoRA or trainable tokens: its delta depends on the base weights",

@@ -297,9 +297,11 @@ def bind_all(
     base: Checkpoint | None,
     *,
     layouts: Mapping[str, bool] | None = None,
+    stand_in: bool = False,
 ) -> MergePlan:
-    """The plan of ``adapters`` on ``base``, each adapter's scaling times its weight."""
-    plans = [a.bind(base, layouts=layouts) for a in adapters]
+    """The plan of ``adapters`` on ``base``, each adapter's scaling times its weight
+    (``stand_in``: ``base`` is a task vector with the base's names, see ``Adapter.bind``)."""
+    plans = [a.bind(base, layouts=layouts, stand_in=stand_in) for a in adapters]
     if len(plans) == 1 and weights[0] == 1.0:
         return plans[0]
     return MergePlan.combine(list(zip(plans, weights, strict=True)))

@@ -175,6 +175,7 @@ class Adapter:
         *,
         config: dict[str, Any] | None = None,
         layouts: Mapping[str, bool] | None = None,
+        stand_in: bool = False,
     ) -> MergePlan:
         """Map the adapter onto ``base`` and validate it from headers; see :class:`MergePlan`.
 
@@ -186,11 +187,12 @@ class Adapter:
         patterns to ``True`` (a GPT-2 Conv1D) or ``False`` (a Linear) for square weights the
         rules cannot settle. ``base=None`` plans the adapter's own deltas (``lora-delta``
         without a base): names are ``<module>.weight``; DoRA, trainable tokens and saved full
-        tensors need a base and are refused.
+        tensors need a base and are refused. ``stand_in``: ``base`` is a task vector with the
+        base's names and shapes (``compare``): tensors may be missing.
         """
         from .bind import bind_adapter
 
-        return bind_adapter(self, base, config, layouts=layouts)
+        return bind_adapter(self, base, config, layouts=layouts, stand_in=stand_in)
 
 
 def _describe(

@@ -46,8 +46,12 @@ def bind_adapter(
     config: dict[str, Any] | None = None,
     *,
     layouts: Mapping[str, bool] | None = None,
+    stand_in: bool = False,
 ) -> MergePlan:
-    """Map ``adapter`` onto ``base`` and validate it from headers (``Adapter.bind``)."""
+    """Map ``adapter`` onto ``base`` and validate it from headers (``Adapter.bind``).
+
+    ``stand_in``: ``base`` only has the base's names and shapes (a task vector, for
+    ``compare``): tensors may be missing and its values say nothing about ties."""
     from .bind_facts import FactsBinder
     from .bind_rules import RulesBinder, bind_without_base
 
@@ -56,7 +60,7 @@ def bind_adapter(
         return bind_without_base(adapter, layouts)
     facts = facts_for(adapter, base, config)
     if facts:
-        return FactsBinder(adapter, base, facts, layouts).plan()
+        return FactsBinder(adapter, base, facts, layouts, stand_in=stand_in).plan()
     return RulesBinder(adapter, base, config, facts, layouts).plan()
 
 

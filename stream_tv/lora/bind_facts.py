@@ -54,8 +54,11 @@ class Storage:
 class FactsBinder:
     """Binding one adapter to one base with the base's :class:`ModelFacts`."""
 
-    def __init__(self, adapter: Adapter, base: Checkpoint, facts: ModelFacts, layouts):
+    def __init__(
+        self, adapter: Adapter, base: Checkpoint, facts: ModelFacts, layouts, *, stand_in=False
+    ):
         self.a, self.base, self.f, self.layouts = adapter, base, facts, layouts
+        self.stand_in = stand_in  # base: a task vector with the base's names (compare)
         self.cfg = adapter.config
         self.bad = complaint(adapter)
         self.position = {p: i for i, p in enumerate(facts.modules)}
@@ -98,7 +101,7 @@ class FactsBinder:
                 f"({', '.join(ks.ops)} into {ks.param!r}), which stream-tv does not stream",
                 "merge with PEFT itself, or save the base once with transformers 5",
             )
-        if f.missing_params:
+        if f.missing_params and not self.stand_in:
             raise self.bad(
                 f"the base {where} lacks {len(f.missing_params)} parameter(s) of "
                 f"{f.architecture} (e.g. {f.missing_params[0]!r}): transformers would "
@@ -123,6 +126,12 @@ class FactsBinder:
         for pair in f.ties:
             if pair.status not in ("source", "target", "both"):
                 continue
+            if pair.status == "both" and self.stand_in:
+                raise self.bad(
+                    f"{pair.target} and {pair.source} are both stored: whether transformers ties "
+                    "them depends on the base's values, which a task vector does not hold",
+                    "pass --base too",
+                )
             if pair.status == "both" and not self.both_equal(pair.target, pair.source):
                 continue
             s, t = storages[pair.source], storages[pair.target]
@@ -450,6 +459,8 @@ class FactsBinder:
         used: set[str] = set()
         for st in {id(s): s for s in storages.values()}.values():
             kept = [p for p in st.members if p not in f.tied] or [sorted(st.members)[-1]]
+            if self.stand_in and not f.keys_of_param.get(st.data):
+                continue  # a tensor the task vector leaves out
             for param in kept if len(st.members) > 1 else st.members:
                 names = f.saved_as.get(param)
                 if names is None:
