@@ -154,6 +154,18 @@ def test_verify_recomputes_the_merge(arch, merged, name):
     assert "identical to a recomputation" in r.stdout, r.stdout
 
 
+def test_verify_checks_the_config_updates(arch, merged, tmp_path):
+    import shutil
+
+    b = arch("llama-tied-modules-to-save-lm_head")
+    out = tmp_path / "out"
+    shutil.copytree(merged(b.name)[0], out)
+    shutil.copy(b.base / "config.json", out / "config.json")  # tie_word_embeddings: true again
+    r = run("verify", out, "--base", b.base, "--adapter", b.adapter, *CPU)
+    assert r.exit_code != 0 and "config.json differs" in r.output
+    assert "tie_word_embeddings" in r.output
+
+
 def test_what_the_merge_says_it_did(arch, merged):
     _, stdout = merged("gpt2-legacy-names")
     assert "h.0.attn.bias: GPT2LMHeadModel drops it on load" in stdout

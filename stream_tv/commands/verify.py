@@ -19,6 +19,7 @@ and exits with ``EXIT_VERIFY_FAILED``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -34,7 +35,7 @@ from ..errors import InputError, ReferenceNotFoundError
 from ..io.index import DTYPES, TensorSpec
 from ..io.layout import Layout, parse_crc, read_layout
 from ..io.writer import file_crc
-from ..jobs import Job, execute
+from ..jobs import CONFIG_NAME, Job, execute
 from ..lora import Adapter
 from ..options import RunOptions
 from ..refs import open_checkpoint
@@ -143,6 +144,7 @@ def verify_output(
     if given.given:
         job, label = _replan(given, layout, result.operation)
         result.recomputed_from = label
+        _check_config(job, layout.root, result.problems)
         tasks = checker.expect(job.tasks, result.problems)
         replay = Job("verify", tasks, lambda o: o, checks=job.checks, description=job.command)
         execute(replay, options, sink=checker)
@@ -151,6 +153,31 @@ def verify_output(
     checker.report(result)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_config(job: Job, root: Path, problems: list[str]) -> None:
+    """The output's config.json is the base's with the job's updates (``merge`` unties)."""
+    out = job.output
+    src = out.side_files_from / CONFIG_NAME if out and out.side_files_from else None
+    if src is None or not src.is_file():
+        return
+    dst = root / CONFIG_NAME
+    if not dst.is_file():
+        problems.append(f"{CONFIG_NAME}: missing (the base has one, and the command copies it)")
+        return
+    try:
+        want, got = json.loads(src.read_text()), json.loads(dst.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{CONFIG_NAME}: cannot be read: {e}")
+        return
+    want.update(out.config_updates)
+    if got != want:
+        changed = sorted(k for k in {*want, *got} if want.get(k) != got.get(k))
+        problems.append(
+            f"{CONFIG_NAME} differs from what the command writes (the base's"
+            + (f" with {dict(out.config_updates)}" if out.config_updates else "")
+            + f"): {', '.join(changed[:5])}"
+        )
 
 
 def _opt(x: str | os.PathLike | None) -> str | None:
