@@ -476,6 +476,13 @@ class FactsBinder:
                     tm = self.merge(planned, part, st, key if st.data == param else None)
                     rows.append((order[key], name, planned, tm))
         rows.sort(key=lambda r: (r[0], r[1]))
+        names = [r[1] for r in rows]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise self.bad(
+                f"{f.architecture}'s save writes two parameters as {twice!r}",
+                "merge with PEFT itself",
+            )
         for key in self.base.tensors:
             if key not in used and key not in self.dropped:
                 ks = f.param_of_key.get(key)
