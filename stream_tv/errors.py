@@ -58,6 +58,10 @@ class AdapterError(InputError):
     """A PEFT adapter is malformed, unsupported, or does not fit its base."""
 
 
+class ModelDefinitionError(InputError):
+    """The base has a ``config.json`` but its ``transformers`` class cannot be built."""
+
+
 class OutputError(StreamTVError):
     """The output location cannot be used (exists, inside an input, locked)."""
 

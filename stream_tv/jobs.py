@@ -8,8 +8,9 @@ returns a :class:`Job`, and that reads no tensor data. The job says
   so a refusal that depends on data comes before any output file exists;
 - ``sources``: the input checkpoints and adapters (never written; their identity keys a
   resume);
-- ``output``: where the tasks' outputs go, with the provenance recorded in the index and the
-  side files to copy;
+- ``output``: where the tasks' outputs go, with the provenance recorded in the index, the
+  side files to copy and the ``config.json`` values to change in the copy (``merge``:
+  ``tie_word_embeddings`` where PEFT unties a head);
 - ``doubts``: what our own index records about an input that says it is the wrong kind
   (a model given as a task vector, an adapter merged twice): refused unless ``--force``;
 - ``command``: its name, which sets its NaN/Inf default (``options.NONFINITE_DEFAULTS``);
@@ -29,9 +30,10 @@ For example (the whole of ``stream_tv.extract_task_vector``, less ``--skip-uncha
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -40,8 +42,9 @@ import torch
 
 from . import __version__, engine
 from .engine import RunStats, Sink, Task
-from .errors import DiskError, InputError, Interrupted, MismatchError
-from .io.index import Checkpoint, FileIdentity, identity_of
+from .errors import DiskError, InputError, InternalError, Interrupted, MismatchError
+from .io.index import BASE_CONFIG_NAME, Checkpoint, FileIdentity, identity_of  # noqa: F401
+from .io.outdir import OutputDir
 from .io.writer import (
     OutputPlan,
     ShardWriter,
@@ -52,6 +55,7 @@ from .options import RunOptions
 from .units import format_size
 
 R = TypeVar("R")
+CONFIG_NAME = "config.json"
 
 # Files copied from the base next to a written model so transformers loads it directly.
 SIDE_FILES = (
@@ -79,6 +83,8 @@ class Output:
     provenance: dict[str, object]  # the rest of the index metadata (inputs, options)
     side_files_from: Path | None = None  # config/tokenizer files copied next to the shards
     empty_hint: str = "check the inputs"  # why an output could hold no tensor, and the fix
+    side_files: Mapping[str, str] | None = None  # {source: written name}; None: SIDE_FILES
+    config_updates: Mapping[str, object] = field(default_factory=dict)  # set in config.json
 
     @property
     def metadata(self) -> dict[str, object]:
@@ -213,7 +219,9 @@ def _write(
         stats = stream(
             todo, writer, progress=options.progress, description=label, on_nonfinite=on_nonfinite
         )
-        copy_side_files(out.side_files_from, out.path, SIDE_FILES)
+        copy_side_files(out.side_files_from, out.path, out.side_files or SIDE_FILES)
+        if out.config_updates:
+            update_config(out.path, out.config_updates)
         writer.finish({k: v if isinstance(v, str) else _json_value(v) for k, v in metadata.items()})
     except Interrupted as e:
         writer.abort()
@@ -232,6 +240,17 @@ def _write(
         "shards": len(plan.shards),
         "resumed_shards": resumed,
     }
+
+
+def update_config(out: Path, updates: Mapping[str, object]) -> None:
+    """Set top-level values in the copied ``config.json`` (keys kept in order), atomically
+    and never through a link (:class:`~stream_tv.io.outdir.OutputDir`)."""
+    path = out / "config.json"
+    if not path.is_file():
+        raise InternalError(f"{path}: config updates {dict(updates)} but no config.json was copied")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(updates)
+    OutputDir(out).atomic_write("config.json", (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _check_free_space(out: Path, plan: OutputPlan, completed: dict[int, int]) -> None:

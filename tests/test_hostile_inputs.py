@@ -33,8 +33,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from stream_tv.commands import extract as extract_command
 from stream_tv.cli import cli
+from stream_tv.commands import extract as extract_command
 from stream_tv.errors import AdapterError, CorruptCheckpointError, InputError, StreamTVError
 from stream_tv.io.index import INDEX_NAME, load_checkpoint, read_header
 from stream_tv.io.reader import Reader

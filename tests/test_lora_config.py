@@ -157,8 +157,6 @@ def test_unknown_init_refused():
         ("use_qalora", True),
         ("megatron_config", {"tensor_model_parallel_size": 2}),
         ("layer_replication", [[0, 2], [1, 2]]),
-        ("target_parameters", ["experts.gate_up_proj"]),
-        ("trainable_token_indices", [1, 2]),
         ("alora_invocation_tokens", [5, 6]),
         ("arrow_config", {"top_k": 2}),
         ("velora_config", {"rank": 2}),
@@ -183,6 +181,17 @@ def test_variant_fields_at_default_are_fine():
         arrow_config=None,
     )
     assert c.r == 8
+
+
+def test_target_parameters_and_trainable_tokens_are_read():
+    c = cfg(target_parameters=["mlp.experts.gate_up_proj"], trainable_token_indices=[1, 2])
+    assert c.target_parameters == ("mlp.experts.gate_up_proj",)
+    assert dict(c.trainable_tokens) == {"": (1, 2)}
+    c = cfg(trainable_token_indices={"embed_tokens": [3], "lm_head": [4, 5]})
+    assert dict(c.trainable_tokens) == {"embed_tokens": (3,), "lm_head": (4, 5)}
+    refused("'trainable_token_indices'.*repeats a token id", trainable_token_indices=[1, 1])
+    refused("'trainable_token_indices'.*not a list of token ids", trainable_token_indices=[-1])
+    refused("'target_parameters'.*not a list", target_parameters="mlp.gate.weight")
 
 
 def test_dora_with_lora_bias_refused():

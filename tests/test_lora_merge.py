@@ -9,6 +9,7 @@ plain torch (what the engine does), and compares with ``torch.equal``.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -43,12 +44,12 @@ def stream(plan: MergePlan, chunk: int | None, precision: str = "exact-peft") ->
     """What the engine does: every base tensor, in row chunks, through its TensorMerge."""
     plan.check(precision)
     out = {}
-    for key in plan.base.tensors:
-        tm = plan.merges.get(key)
+    for o in plan.outputs:
+        tm = plan.merges.get(o.key)
         if tm is None:
-            out[key] = read(plan.base[key])
+            out[o.key] = read(o.spec).to(o.dtype)
             continue
-        out[key] = merge_tensor(tm, read(tm.merge_inputs[0]), chunk, precision)
+        out[o.key] = merge_tensor(tm, read(tm.merge_inputs[0]), chunk, precision)
     return out
 
 
@@ -101,8 +102,9 @@ def test_features_are_really_exercised(build):
 
     p = plan("gpt2-fp32-conv1d")
     layouts = {m.name: (m.kind, m.layout) for m in p.modules}
-    assert layouts["transformer.h.0.attn.c_proj"] == ("conv1d", "model_type=gpt2")  # square
-    assert layouts["transformer.h.0.attn.c_attn"] == ("conv1d", "shape")
+    assert layouts["transformer.h.0.attn.c_proj"] == ("conv1d", "model definition")  # square
+    assert p.basis.startswith("the model definition (GPT2LMHeadModel")
+    assert layouts["transformer.h.0.attn.c_attn"] == ("conv1d", "model definition")
     p = plan("gpt2-fp32-conv1d-dora")
     assert {t.passes for t in p} == {2}
     p = plan("llama-fp32-embedding-dora")
@@ -317,17 +319,24 @@ def test_combined_adapters_like_peft_sequential_merge(two_adapters, weights):
     assert any(not torch.equal(fp32[k], reference[k]) for k in reference)
 
 
-def test_dora_after_another_adapter_on_the_same_module(build):
+def test_dora_after_another_adapter_on_the_same_module(build, tmp_path):
+    """PEFT unmerges a module's earlier adapters to find the base of a later DoRA layer's
+    norm, and merges them back: reproduced bit for bit for plain LoRA before row-wise DoRA."""
     b = build("llama-fp32-dora")
     ck = load_checkpoint(b.base)
     plain = build("llama-fp32-linear")
     p1 = Adapter.load(plain.adapter).bind(ck)
     p2 = Adapter.load(b.adapter).bind(ck)
     combined = MergePlan.combine([(p1, 1.0), (p2, 1.0)])
-    with pytest.raises(AdapterError, match="DoRA layer .* follows another adapter"):
-        combined.check("exact-peft")
-    combined.check("fp32")
+    combined.check("exact-peft")
+    reference = pf.read_tensors(pf.peft_merge(b.base, [plain.adapter, b.adapter], tmp_path / "m"))
+    for chunk in (3, None):
+        assert_same(reference, stream(combined, chunk), f"chunk={chunk}")
     MergePlan.combine([(p2, 1.0), (p1, 1.0)]).check("exact-peft")  # DoRA first is fine
+    twice = MergePlan.combine([(p2, 1.0), (p2, 0.5)])
+    with pytest.raises(AdapterError, match="DoRA layer .* follows another adapter"):
+        twice.check("exact-peft")
+    twice.check("fp32")
 
 
 def test_two_row_normalising_dora_layers_refused(build):
@@ -375,17 +384,31 @@ def test_conv2d_like_peft(tmp_path, dtype, dora):
         assert_same(reference, stream(plan, chunk), f"chunk={chunk}")
 
 
-def test_square_layout_without_model_type(build):
-    """No config.json: a square GPT-2 c_proj follows the adapter's other (non-square) modules;
-    with only square modules, the adapter's fan_in_fan_out flag decides."""
+def test_square_layout_without_the_model_definition(build, monkeypatch):
+    """Without facts (transformers not installed), a square GPT-2 c_proj is refused unless
+    config.json's model_type or a --fan-in-fan-out pattern settles it; the adapter's
+    fan_in_fan_out flag and the other modules' layouts are never used."""
     b = build("gpt2-fp32-conv1d")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
     ck = load_checkpoint(b.base)
     adapter = Adapter.load(b.adapter)
-    plan = adapter.bind(ck, config={})
-    m = {x.name: x for x in plan.modules}["transformer.h.0.attn.c_proj"]
-    assert (m.kind, m.layout) == ("conv1d", "other modules of the adapter")
-    assert_same(pf.read_tensors(b.merged), stream(plan, 4))
-    plan = adapter.bind(ck, config={"model_type": "llama"})  # wrong, but says: Linear
+    with pytest.raises(AdapterError, match="square base weights") as e:
+        adapter.bind(ck, config={})
+    assert "'transformer.h.0.attn.c_proj'" in str(e.value) and "no config.json" in str(e.value)
+    assert "--fan-in-fan-out" in str(e.value) and "stream-tv[transformers]" in str(e.value)
+    for config, layouts, how in (
+        ({"model_type": "gpt2"}, None, "model_type=gpt2"),
+        ({}, {r"attn\.c_proj": True}, "--fan-in-fan-out"),
+    ):
+        plan = adapter.bind(ck, config=config, layouts=layouts)
+        m = {x.name: x for x in plan.modules}["transformer.h.0.attn.c_proj"]
+        assert (m.kind, m.layout) == ("conv1d", how)
+        assert plan.basis == "name rules (transformers is not installed)"
+        assert_same(pf.read_tensors(b.merged), stream(plan, 4))
+    nested = {"model_type": "encoder-decoder", "decoder": {"model_type": "gpt2"}}
+    with pytest.raises(AdapterError, match="model types \\['encoder-decoder', 'gpt2'\\]"):
+        adapter.bind(ck, config=nested)
+    plan = adapter.bind(ck, config={}, layouts={"c_proj": False})  # wrong, but said
     assert {x.name: x.kind for x in plan.modules}["transformer.h.0.attn.c_proj"] == "linear"
 
 

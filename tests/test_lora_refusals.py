@@ -168,12 +168,13 @@ def test_lora_bias_flag_and_tensor_disagree(tmp_path):
     refused(write_adapter(tmp_path / "b", lora(), lora_bias=True), match="lora_bias is true")
 
 
-def test_conv3d_factors_refused(tmp_path):
+def test_factors_of_no_layer_kind_refused(tmp_path):
     t = {
-        f"{P}conv.lora_A.weight": torch.ones(2, 3, 3),
-        f"{P}conv.lora_B.weight": torch.ones(4, 2, 1),
+        f"{P}conv.lora_A.weight": torch.ones(2, 3, 3, 1, 1, 1),
+        f"{P}conv.lora_B.weight": torch.ones(4, 2, 1, 1, 1, 1),
     }
-    refused(write_adapter(tmp_path / "a", t, target_modules=["conv"]), match="not Conv1d/Conv3d")
+    msg = refused(write_adapter(tmp_path / "a", t, target_modules=["conv"]), match="has shape")
+    assert "Conv1d/Conv2d/Conv3d" in msg
 
 
 def test_empty_adapter(tmp_path):
@@ -211,10 +212,8 @@ def test_embedding_shape(tmp_path, base):
         f"{P}model.embed_tokens.lora_embedding_A": torch.ones(2, 21),
         f"{P}model.embed_tokens.lora_embedding_B": torch.ones(6, 2),
     }
-    msg = refused(
-        write_adapter(tmp_path / "a", t), base, match="Embedding LoRA 'model.embed_tokens'"
-    )
-    assert "vocab=21" in msg
+    msg = refused(write_adapter(tmp_path / "a", t), base, match="LoRA module 'model.embed_tokens'")
+    assert "vocab=21" in msg and "resized vocabulary" in msg
 
 
 def test_dora_magnitude_shape(tmp_path, base):

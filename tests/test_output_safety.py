@@ -149,10 +149,13 @@ def test_an_output_without_tensors_is_an_error(tmp_path):
 
 
 def test_a_task_vector_carries_no_config(models, tmp_path):
-    """transformers must not load a task vector as a model (it would, given a config)."""
+    """transformers must not load a task vector as a model (it would, given a config); the
+    base's config is kept under another name, for binding an adapter to the task vector."""
     base, ft = models
     assert run("extract", base, ft, "-o", tmp_path / "tv", *Q).exit_code == 0
     assert not (tmp_path / "tv" / "config.json").exists()
+    kept = tmp_path / "tv" / "base_config.json"
+    assert kept.read_bytes() == (base / "config.json").read_bytes()
 
 
 def test_verify_without_checksums_says_what_it_could_not_check(models, tmp_path):

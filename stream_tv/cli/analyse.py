@@ -7,7 +7,7 @@ import json
 import click
 
 from ..options import RunOptions
-from .base import cli, echo_write_result, run_options
+from .base import cli, echo_write_result, layout_options, run_options
 
 
 @cli.command()
@@ -37,6 +37,7 @@ from .base import cli, echo_write_result, run_options
 )
 @click.option("--worst", default=5, show_default=True, help="Worst tensors listed in the terminal.")
 @click.option("--allow-missing", is_flag=True, help="Skip tensors present in only one model.")
+@layout_options
 @run_options("compare", writes=False)
 def compare(
     base: str | None,
@@ -48,6 +49,7 @@ def compare(
     plot_path: str | None,
     worst: int,
     allow_missing: bool,
+    layouts: dict[str, bool],
     options: RunOptions,
 ) -> None:
     """Compare a LoRA delta (scaling * B @ A) with the task vector of the model it produced.
@@ -74,6 +76,7 @@ def compare(
         json_path=None if to_stdout else json_path,
         markdown_path=md_path,
         plot_path=plot_path,
+        layouts=layouts,
         options=options,
     )
     # The report files are written; only then is anything printed, so a closed pipe

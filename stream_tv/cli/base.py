@@ -148,6 +148,39 @@ def run_options(
     return decorate
 
 
+def layout_options(fn: Callable) -> Callable:
+    """``--fan-in-fan-out PATTERN`` / ``--no-fan-in-fan-out PATTERN`` -> ``layouts``."""
+
+    @click.option(
+        "--fan-in-fan-out",
+        "conv1d",
+        multiple=True,
+        metavar="PATTERN",
+        help="Modules matching PATTERN (a regex on the module path's end, like PEFT's "
+        "rank_pattern) are GPT-2 Conv1D layers (weights stored (in, out)). Only needed "
+        "without the model definition, for square weights; repeatable.",
+    )
+    @click.option(
+        "--no-fan-in-fan-out",
+        "linear",
+        multiple=True,
+        metavar="PATTERN",
+        help="Modules matching PATTERN are Linear layers (weights stored (out, in)).",
+    )
+    @functools.wraps(fn)
+    def with_layouts(*args, conv1d: tuple[str, ...], linear: tuple[str, ...], **kwargs):
+        both = set(conv1d) & set(linear)
+        if both:
+            raise click.UsageError(
+                f"pattern {sorted(both)[0]!r} given to both --fan-in-fan-out and "
+                "--no-fan-in-fan-out"
+            )
+        layouts = {**dict.fromkeys(conv1d, True), **dict.fromkeys(linear, False)}
+        return fn(*args, layouts=layouts, **kwargs)
+
+    return with_layouts
+
+
 def echo_write_result(result, what: str) -> None:
     speed = f"{result.gb_per_s:.2f} GB/s read" if result.seconds > 0 else ""
     click.echo(

@@ -8,7 +8,14 @@ import click
 
 from ..options import RunOptions
 from ..units import format_size
-from .base import cli, dtype_option, echo_write_result, result_json, run_options
+from .base import (
+    cli,
+    dtype_option,
+    echo_write_result,
+    layout_options,
+    result_json,
+    run_options,
+)
 
 
 @cli.command()
@@ -189,6 +196,7 @@ def apply(
     "on bf16/fp16 models, where PEFT rounds more than once).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@layout_options
 @run_options("merge")
 def merge(
     base: str,
@@ -198,13 +206,18 @@ def merge(
     weights: tuple[float, ...],
     precision: str,
     as_json: bool,
+    layouts: dict[str, bool],
     options: RunOptions,
 ) -> None:
     """Merge LoRA ADAPTER(s) into BASE, as PEFT's merge_and_unload() + save_pretrained would.
 
-    Streams BASE tensor by tensor, never loading the model. Handles rsLoRA, rank/alpha
-    patterns, GPT-2 Conv1D, Embedding LoRA, lora_bias, DoRA, modules_to_save and tied
-    embeddings; the config and tokenizer files of BASE are copied, so transformers loads OUT.
+    Streams BASE tensor by tensor, never loading the model. With transformers installed
+    (stream-tv[transformers]) each module's kind, tying and dtype come from BASE's own model
+    definition, and OUT has the tensors PEFT's save writes. Handles rsLoRA, rank/alpha
+    patterns, GPT-2 Conv1D, Embedding, torch Conv1d/2d/3d, lora_bias, DoRA, modules_to_save,
+    tied embeddings, target_parameters (MoE experts), trainable tokens and
+    MultiheadAttention; the config (changed where PEFT's merge changes it) and tokenizer files
+    of BASE are copied, so transformers loads OUT.
 
     \b
     Examples:
@@ -219,12 +232,25 @@ def merge(
     if not refs:
         raise click.UsageError("no adapter given: stream-tv merge BASE ADAPTER -o OUT")
     result = merge_lora(
-        base, refs, out, weights=list(weights) or None, precision=precision, options=options
+        base,
+        refs,
+        out,
+        weights=list(weights) or None,
+        precision=precision,
+        layouts=layouts,
+        options=options,
     )
     if as_json:
         click.echo(result_json(result))
         return
     echo_write_result(result, "merged model")
+    click.echo(f"modules, ties and dtypes from {result.basis}")
+    if result.dropped:
+        click.echo(f"{len(result.dropped)} base tensor(s) not written, as PEFT's save:")
+        for key, why in list(result.dropped.items())[:5]:
+            click.echo(f"  {key}: {why}")
+    for key, value in result.config_updates.items():
+        click.echo(f"config.json: {key} set to {json.dumps(value)}, as PEFT's merge does")
     weights = (
         ""
         if all(w == 1.0 for w in result.weights)
@@ -257,6 +283,7 @@ def merge(
     "--weight", type=float, default=1.0, show_default=True, help="Multiplies the scaling."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@layout_options
 @run_options("lora-delta")
 def lora_delta(
     adapter: str,
@@ -265,6 +292,7 @@ def lora_delta(
     dtype,
     weight: float,
     as_json: bool,
+    layouts: dict[str, bool],
     options: RunOptions,
 ) -> None:
     """Write ADAPTER's effective delta (scaling * B @ A, in the base's layout) as a task vector.
@@ -280,11 +308,14 @@ def lora_delta(
     """
     from ..commands.merge import lora_delta as do_lora_delta
 
-    result = do_lora_delta(adapter, out, base=base, dtype=dtype, weight=weight, options=options)
+    result = do_lora_delta(
+        adapter, out, base=base, dtype=dtype, weight=weight, layouts=layouts, options=options
+    )
     if as_json:
         click.echo(result_json(result))
         return
     echo_write_result(result, f"LoRA delta ({result.dtype})")
+    click.echo(f"layouts from {result.basis}")
     if result.replaced:
         click.echo(
             f"{len(result.replaced)} tensor(s) saved in the adapter: written as saved - base"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +26,12 @@ from ..errors import InputError, NonFiniteError
 from ..io.index import Checkpoint, TensorSpec
 from ..io.outdir import check_output_file, write_file
 from ..jobs import Job, Outcome, run_job
-from ..lora import Adapter, MergePlan, TensorMerge
+from ..lora import Adapter, TensorMerge
 from ..options import RunOptions
 from ..refs import open_checkpoint
 from ..report import CompareReport
 from ..stats import TensorAccumulator
+from .merge import bind_all
 
 
 def compare(
@@ -43,6 +44,7 @@ def compare(
     json_path: str | os.PathLike | None = None,
     markdown_path: str | os.PathLike | None = None,
     plot_path: str | os.PathLike | None = None,
+    layouts: Mapping[str, bool] | None = None,
     options: RunOptions | None = None,
 ) -> CompareReport:
     """Compare a LoRA delta (or a task vector) with a task vector, tensor by tensor.
@@ -55,14 +57,20 @@ def compare(
 
     ``json_path``, ``markdown_path``, ``plot_path``: report files, checked before any data is
     read (never an input, nor inside one, nor a link) and written before this returns, each
-    through a temporary file and a rename.
+    through a temporary file and a rename. The adapter is bound like ``merge`` binds it (``layouts``: square layouts without the
+    model definition); tensors keep the base's names.
     """
     b = open_checkpoint(base) if base is not None else None
     f = open_checkpoint(finetuned) if finetuned is not None else None
     tvs = [open_checkpoint(t) for t in task_vectors]
     ad = Adapter.load(adapter) if adapter is not None else None
     job = plan_compare(
-        base=b, finetuned=f, adapter=ad, task_vectors=tvs, allow_missing=allow_missing
+        base=b,
+        finetuned=f,
+        adapter=ad,
+        task_vectors=tvs,
+        allow_missing=allow_missing,
+        layouts=layouts,
     )
     given = {"--json": json_path, "--markdown": markdown_path, "--plot": plot_path}
     files = {flag: Path(p) for flag, p in given.items() if p is not None}
@@ -117,6 +125,7 @@ def plan_compare(
     adapter: Adapter | None = None,
     task_vectors: Sequence[Checkpoint] = (),
     allow_missing: bool = False,
+    layouts: Mapping[str, bool] | None = None,
 ) -> Job[CompareReport]:
     """The job comparing L with T for every float tensor of T's checkpoint(s)."""
     b, f, tvs = base, finetuned, list(task_vectors)
@@ -136,7 +145,7 @@ def plan_compare(
     names = [n for n in names if reference[n].is_float]
     t_ckpt = f or reference
     non_float = [n for n in t_ckpt.tensors if not t_ckpt[n].is_float]
-    plan = _bind(adapter, b, reference) if adapter is not None else None
+    plan = _bind(adapter, b, reference, layouts) if adapter is not None else None
     other_tv = tvs[0] if len(tvs) == 2 else None
     if other_tv is not None:
         validate.subset(
@@ -192,11 +201,16 @@ def _check_inputs(b, f, adapter, tvs) -> None:
         raise InputError("compare takes an adapter and one task vector, or two task vectors")
 
 
-def _bind(adapter: Adapter, b: Checkpoint | None, reference: Checkpoint) -> MergePlan:
-    plan = adapter.bind(b if b is not None else reference)
+def _bind(
+    adapter: Adapter, b: Checkpoint | None, reference: Checkpoint, layouts
+) -> dict[str, TensorMerge]:
+    """The adapter's merges by base tensor name, bound as ``merge`` binds it."""
+    plan = bind_all(
+        [adapter], [1.0], b if b is not None else reference, layouts=layouts, stand_in=b is None
+    )
     if b is None and any(m.needs_base for m in plan.merges.values()):
         raise InputError(
-            "this adapter uses DoRA: its delta depends on the base weights",
+            "this adapter uses DoRA or trainable tokens: its delta depends on the base weights",
             hint="pass --base too",
         )
     # subtle: bound to the task vector, a saved full tensor (modules_to_save) would be
@@ -207,7 +221,7 @@ def _bind(adapter: Adapter, b: Checkpoint | None, reference: Checkpoint) -> Merg
             f"this adapter saves full tensors (e.g. {saved[0]!r}): their delta is saved - base",
             hint="pass --base too",
         )
-    return plan
+    return plan.by_base_name()
 
 
 def _dtype(spec: TensorSpec) -> str:
@@ -233,7 +247,7 @@ def _source(
     f: Checkpoint | None,
     tv: Checkpoint | None,
     other_tv: Checkpoint | None,
-    plan: MergePlan | None,
+    plan: dict[str, TensorMerge] | None,
 ) -> _Source:
     src = _Source(name)
     if b is not None:
@@ -244,8 +258,8 @@ def _source(
         src.tv = src.add(tv[name])
     if other_tv is not None and name in other_tv:
         src.other_tv = src.add(other_tv[name])
-    if plan is not None and name in plan.merges:
-        src.merge = plan.merges[name]
+    if plan is not None and name in plan:
+        src.merge = plan[name]
         if src.merge.replacement is not None:
             src.replacement = src.add(src.merge.replacement)
     return src

@@ -23,7 +23,7 @@ import torch
 
 from .. import engine, ops, validate
 from ..errors import MismatchError
-from ..io.index import Checkpoint, TensorSpec, dtype_name
+from ..io.index import BASE_CONFIG_NAME, Checkpoint, TensorSpec, dtype_name
 from ..io.writer import OutTensor
 from ..jobs import Job, Outcome, Output, WriteResult, check_output, run_job, written
 from ..options import RunOptions
@@ -121,7 +121,8 @@ def plan_extract(
             dtype=out_dtypes,
         )
 
-    # No config.json: a task vector must never load as a model (transformers would).
+    # No config.json: a task vector must never load as a model (transformers would); the
+    # base's config is kept as base_config.json, for binding an adapter to the task vector.
     why_empty = "the two checkpoints share no float tensor to subtract"
     if skip:
         why_empty = "every float tensor is unchanged (--skip-unchanged left them all out)"
@@ -133,7 +134,14 @@ def plan_extract(
         result,
         sources=[b, f],
         checks=checks,
-        output=Output(out, "extract", provenance, empty_hint=why_empty),
+        output=Output(
+            out,
+            "extract",
+            provenance,
+            side_files_from=b.root,
+            side_files={"config.json": BASE_CONFIG_NAME},
+            empty_hint=why_empty,
+        ),
         doubts=[
             *validate.provenance(b, expected="model", given_as="BASE"),
             *validate.provenance(f, expected="model", given_as="FINETUNED"),

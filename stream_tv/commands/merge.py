@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,9 @@ class MergeResult(WriteResult):
     replaced: list[str] = field(default_factory=list)  # replaced by tensors saved in the adapter
     untouched: int = 0  # base tensors copied unchanged
     lora_modules: int = 0
+    dropped: dict[str, str] = field(default_factory=dict)  # base tensors not written, and why
+    config_updates: dict[str, object] = field(default_factory=dict)  # set in config.json
+    basis: str = ""  # where the modules' kinds, ties and dtypes came from
 
 
 def merge_lora(
@@ -63,18 +66,22 @@ def merge_lora(
     *,
     weights: Sequence[float] | None = None,
     precision: str = "exact-peft",
+    layouts: Mapping[str, bool] | None = None,
     options: RunOptions | None = None,
 ) -> MergeResult:
     """Write ``base`` with the LoRA adapter(s) merged in, as PEFT's ``merge_and_unload()``.
 
     With ``precision="exact-peft"`` the merged weights are PEFT's bit for bit on CPU (PEFT
     loads the adapter onto the base, merges, and ``save_pretrained`` writes it). The output is
-    a model directory: shards, index, and the base's config and tokenizer files. Everything is
-    checked from headers before the first byte is written.
+    a model directory: shards, index, and the base's config and tokenizer files (config.json
+    changed where PEFT's merge changes it). With the model definition (``transformers`` and
+    the base's config.json) the tensors are named and typed as PEFT's save writes them.
+    ``layouts`` (module pattern -> ``True`` for a GPT-2 Conv1D) settles square layouts
+    without it. Everything is checked from headers before the first byte is written.
     """
     b = open_checkpoint(base)
     loaded = [Adapter.load(r) for r in _adapter_list(adapters)]
-    job = plan_merge(b, loaded, Path(out), weights=weights, precision=precision)
+    job = plan_merge(b, loaded, Path(out), weights=weights, precision=precision, layouts=layouts)
     return run_job(job, options or RunOptions())
 
 
@@ -85,6 +92,7 @@ def plan_merge(
     *,
     weights: Sequence[float] | None = None,
     precision: str = "exact-peft",
+    layouts: Mapping[str, bool] | None = None,
 ) -> Job[MergeResult]:
     """The job writing ``b`` with ``adapters`` merged in."""
     if precision not in PRECISIONS:
@@ -94,19 +102,20 @@ def plan_merge(
     if not adapters:
         raise InputError("no adapter given", hint="stream-tv merge BASE ADAPTER -o OUT")
     weights = validate.broadcast(weights, len(adapters), "weight", "adapter")
-    plan = bind_all(adapters, weights, b)
+    plan = bind_all(adapters, weights, b, layouts=layouts)
     plan.check(precision)
     tasks = [
-        merge_task(plan.merges[name], precision)
-        if name in plan.merges
-        else apply_task(name, spec, [], spec.dtype)
-        for name, spec in b.tensors.items()
+        merge_task(plan.merges[o.key], precision)
+        if o.key in plan.merges
+        else apply_task(o.key, o.spec, [], o.dtype)
+        for o in plan.outputs
     ]
     provenance: dict[str, object] = {
         "base": b.reference,
         "adapters": [a.reference for a in adapters],
         "weights": weights,
         "precision": precision,
+        **layout_provenance(layouts),
     }
 
     def result(outcome: Outcome) -> MergeResult:
@@ -119,6 +128,9 @@ def plan_merge(
             replaced=[k for k, t in plan.merges.items() if t.replacement is not None],
             untouched=len(plan.untouched),
             lora_modules=len(plan.modules),
+            dropped=dict(plan.dropped),
+            config_updates=dict(plan.config_updates),
+            basis=plan.basis,
         )
 
     return Job(
@@ -126,7 +138,13 @@ def plan_merge(
         tasks,
         result,
         sources=[b, *adapters],
-        output=Output(out, "merge", provenance, side_files_from=b.root),
+        output=Output(
+            out,
+            "merge",
+            provenance,
+            side_files_from=b.root,
+            config_updates=plan.config_updates,
+        ),
         doubts=[
             *validate.provenance(b, expected="model", given_as="BASE"),
             *validate.already_merged(b, [(a.reference, a.path) for a in adapters]),
@@ -167,6 +185,7 @@ class LoraDeltaResult(WriteResult):
     base: str | None = None
     dtype: str = "F32"
     replaced: list[str] = field(default_factory=list)
+    basis: str = ""
 
 
 def lora_delta(
@@ -176,6 +195,7 @@ def lora_delta(
     base: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     weight: float = 1.0,
+    layouts: Mapping[str, bool] | None = None,
     options: RunOptions | None = None,
 ) -> LoraDeltaResult:
     """Write the adapter's effective delta as a task vector, under the base's tensor names.
@@ -201,17 +221,19 @@ def plan_lora_delta(
     base: Checkpoint | None = None,
     dtype: torch.dtype = torch.float32,
     weight: float = 1.0,
+    layouts: Mapping[str, bool] | None = None,
 ) -> Job[LoraDeltaResult]:
     """The job writing ``ad``'s delta (under ``base``'s names when given)."""
     if not dtype.is_floating_point:
         raise InputError(f"--dtype must be a float type, not {dtype}")
-    plan = bind_all([ad], [weight], base)
-    tasks = [delta_task(tm, dtype) for tm in plan.merges.values()]
+    plan = bind_all([ad], [weight], base, layouts=layouts)
+    tasks = [delta_task(tm, dtype, name) for name, tm in plan.by_base_name().items()]
     provenance: dict[str, object] = {
         "adapter": ad.reference,
         "base": base.reference if base is not None else "",
         "weight": weight,
         "dtype": dtype_name(dtype),
+        **layout_provenance(layouts),
     }
 
     def result(outcome: Outcome) -> LoraDeltaResult:
@@ -220,7 +242,8 @@ def plan_lora_delta(
             adapter=ad.reference,
             base=base.reference if base is not None else None,
             dtype=dtype_name(dtype),
-            replaced=[k for k, t in plan.merges.items() if t.replacement is not None],
+            replaced=[k for k, t in plan.by_base_name().items() if t.replacement is not None],
+            basis=plan.basis,
         )
 
     return Job(
@@ -235,10 +258,11 @@ def plan_lora_delta(
     )
 
 
-def delta_task(tm: TensorMerge, dtype: torch.dtype) -> engine.Task:
-    """The task writing one tensor's delta in ``dtype`` (``saved - base`` added for a
-    tensor the adapter replaces)."""
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+def delta_task(tm: TensorMerge, dtype: torch.dtype, name: str | None = None) -> engine.Task:
+    """The task writing one tensor's delta in ``dtype`` under ``name`` (default: its output
+    name), with ``saved - base`` added for a tensor the adapter replaces."""
+    name = name or tm.key
+    work = torch.float64 if dtype == torch.float64 else tm.work_dtype
     inputs: list[TensorSpec] = []
     if tm.replacement is not None:
         inputs = [tm.replacement, tm.spec]  # the steps apply to the replacement
@@ -259,10 +283,10 @@ def delta_task(tm: TensorMerge, dtype: torch.dtype) -> engine.Task:
         return chunk.out.copy_(ops.round_to(d, chunk.out.dtype))
 
     return engine.Task(
-        tm.key,
+        name,
         inputs,
         compute,
-        out=OutTensor(tm.key, dtype, tm.shape),
+        out=OutTensor(name, dtype, tm.shape),
         passes=passes,
         work_row_bytes=math.prod(tm.shape[1:]) * work.itemsize * 3,
         session=tm.open,
@@ -282,10 +306,37 @@ def _adapter_list(adapters: AdapterRef | Sequence[AdapterRef]) -> list[AdapterRe
 
 
 def bind_all(
-    adapters: Sequence[Adapter], weights: Sequence[float], base: Checkpoint | None
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    base: Checkpoint | None,
+    *,
+    layouts: Mapping[str, bool] | None = None,
+    stand_in: bool = False,
 ) -> MergePlan:
-    """The plan of ``adapters`` on ``base``, each adapter's scaling times its weight."""
-    plans = [a.bind(base) for a in adapters]
+    """The plan of ``adapters`` on ``base``, each adapter's scaling times its weight
+    (``stand_in``: ``base`` is a task vector with the base's names, see ``Adapter.bind``)."""
+    plans = [a.bind(base, layouts=layouts, stand_in=stand_in) for a in adapters]
     if len(plans) == 1 and weights[0] == 1.0:
         return plans[0]
     return MergePlan.combine(list(zip(plans, weights, strict=True)))
+
+
+def layout_provenance(layouts: Mapping[str, bool] | None) -> dict[str, object]:
+    """``--fan-in-fan-out`` / ``--no-fan-in-fan-out`` patterns, as the index records them
+    (``verify`` binds with the same ones)."""
+    if not layouts:
+        return {}
+    return {
+        "fan_in_fan_out": [p for p, v in layouts.items() if v],
+        "no_fan_in_fan_out": [p for p, v in layouts.items() if not v],
+    }
+
+
+def recorded_layouts(metadata: Mapping[str, object]) -> dict[str, bool]:
+    """The layout patterns an index records (:func:`layout_provenance`), as ``layouts``."""
+    out: dict[str, bool] = {}
+    for key, value in (("fan_in_fan_out", True), ("no_fan_in_fan_out", False)):
+        patterns = metadata.get(key)
+        if isinstance(patterns, list):
+            out.update(dict.fromkeys((str(p) for p in patterns), value))
+    return out

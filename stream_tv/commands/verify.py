@@ -19,6 +19,7 @@ and exits with ``EXIT_VERIFY_FAILED``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -34,14 +35,14 @@ from ..errors import InputError, ReferenceNotFoundError
 from ..io.index import DTYPES, TensorSpec
 from ..io.layout import Layout, parse_crc, read_layout
 from ..io.writer import file_crc
-from ..jobs import Job, execute
+from ..jobs import CONFIG_NAME, Job, execute
 from ..lora import Adapter
 from ..options import RunOptions
 from ..refs import open_checkpoint
 from ..units import format_size
 from .apply import plan_apply
 from .extract import plan_extract
-from .merge import plan_lora_delta, plan_merge
+from .merge import plan_lora_delta, plan_merge, recorded_layouts
 
 
 @dataclass
@@ -151,6 +152,7 @@ def verify_output(
     if given.given:
         job, label = _replan(given, layout, result.operation)
         result.recomputed_from = label
+        _check_config(job, layout.root, result.problems)
         tasks = checker.expect(job.tasks, result.problems)
         replay = Job("verify", tasks, lambda o: o, checks=job.checks, description=job.command)
         execute(replay, options, sink=checker)
@@ -167,6 +169,36 @@ def verify_output(
             )
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_config(job: Job, root: Path, problems: list[str]) -> None:
+    """The output's config.json is the base's with the job's updates (``merge`` unties)."""
+    out = job.output
+    src = out.side_files_from / CONFIG_NAME if out and out.side_files_from else None
+    if src is None or not src.is_file():
+        return
+    name = (out.side_files or {}).get(CONFIG_NAME, CONFIG_NAME)  # extract: base_config.json
+    if out.side_files is not None and CONFIG_NAME not in out.side_files:
+        return  # the command does not copy it
+    dst = root / name
+    if not dst.is_file():
+        problems.append(
+            f"{name}: missing (the base has a {CONFIG_NAME}, and the command copies it)"
+        )
+        return
+    try:
+        want, got = json.loads(src.read_text()), json.loads(dst.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        problems.append(f"{name}: cannot be read: {e}")
+        return
+    want.update(out.config_updates)
+    if got != want:
+        changed = sorted(k for k in {*want, *got} if want.get(k) != got.get(k))
+        problems.append(
+            f"{name} differs from what the command writes (the base's"
+            + (f" with {dict(out.config_updates)}" if out.config_updates else "")
+            + f"): {', '.join(changed[:5])}"
+        )
 
 
 def _opt(x: str | os.PathLike | None) -> str | None:
@@ -291,7 +323,8 @@ def _replan_merge(given, metadata, output, root) -> tuple[Job, str]:
     b = open_checkpoint(given.base)
     ads = [Adapter.load(a) for a in given.adapters]
     precision = str(metadata.get("precision") or "exact-peft")
-    job = plan_merge(b, ads, root, weights=weights, precision=precision)
+    layouts = recorded_layouts(metadata)
+    job = plan_merge(b, ads, root, weights=weights, precision=precision, layouts=layouts)
     return job, f"{b.reference} + " + " + ".join(a.reference for a in ads)
 
 
@@ -305,7 +338,9 @@ def _replan_lora_delta(given, metadata, output, root) -> tuple[Job, str]:
     b = open_checkpoint(given.base) if given.base is not None else None
     weight = _numbers({"weight": [metadata.get("weight", 1.0)]}, "weight")[0]
     dtype = _recorded_dtype(metadata) or torch.float32
-    return plan_lora_delta(ad, root, base=b, dtype=dtype, weight=weight), ad.reference
+    layouts = recorded_layouts(metadata)
+    job = plan_lora_delta(ad, root, base=b, dtype=dtype, weight=weight, layouts=layouts)
+    return job, ad.reference
 
 
 _Replanner = Callable[

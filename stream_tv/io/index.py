@@ -41,6 +41,9 @@ from .inputs import (
 from .specs import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, MAX_DIM, TensorSpec, dtype_name, parse_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
+#: The base's config as a task vector keeps it: under another name, so that no loader takes
+#: the task vector for a model, while binding an adapter to it still has the model's facts.
+BASE_CONFIG_NAME = "base_config.json"
 MAX_INDEX_BYTES = 64 * 1024 * 1024  # the largest Hub indexes are ~10 MB
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "DTYPE_NAMES",
     "FLOAT_DTYPES",
     "INDEX_NAME",
+    "BASE_CONFIG_NAME",
     "MAX_DIM",
     "MAX_HEADER_BYTES",
     "MAX_INDEX_BYTES",

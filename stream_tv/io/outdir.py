@@ -23,7 +23,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import DiskError, OutputError
@@ -218,17 +218,21 @@ def is_temporary(name: str) -> bool:
     return bool(_TEMP_RE.match(name))
 
 
-def copy_side_files(src: Path | None, out: Path, names: Sequence[str]) -> list[str]:
-    """Copy config/tokenizer files that exist in ``src`` into ``out``; return what was copied."""
+def copy_side_files(
+    src: Path | None, out: Path, names: Sequence[str] | Mapping[str, str]
+) -> list[str]:
+    """Copy config/tokenizer files that exist in ``src`` into ``out`` (a mapping renames
+    them: ``{source name: written name}``); return the names written."""
     copied: list[str] = []
     if src is None or not src.is_dir():
         return copied
+    renames = dict(names) if isinstance(names, Mapping) else {n: n for n in names}
     d = OutputDir(out)
-    for name in names:
+    for name, written in renames.items():
         p = src / name
         if p.is_file():
-            d.copy_in(p, name)
-            copied.append(name)
+            d.copy_in(p, written)
+            copied.append(written)
     return copied
 
 

@@ -1,7 +1,9 @@
 """PEFT LoRA adapters: on disk, bound to a base, planned, and opened to stream rows.
 
 - :mod:`.adapter`: an adapter on disk (config + weights header): :class:`Adapter`;
-- :mod:`.bind`: adapter + base headers -> :class:`MergePlan`, checked before any data;
+- :mod:`.bind`: adapter + base headers -> :class:`MergePlan`, checked before any data, from
+  the model definition (:mod:`.bind_facts` over :mod:`.model_facts`) or, without one, from
+  names and shapes (:mod:`.bind_rules`);
 - :mod:`.plan`: the immutable plan: per base tensor a :class:`TensorMerge` of steps;
 - :mod:`.runtime`: ``TensorMerge.open(device)``: loaded factors, DoRA state, row maths;
 - :mod:`.delta`, :mod:`.keys`, :mod:`.config`: per-layer maths, key mapping, config rules.

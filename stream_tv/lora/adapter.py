@@ -15,6 +15,7 @@ Example (not run here)::
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,12 +37,19 @@ ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "*.json"
 class LoraModule:
     """One adapted module of an adapter.
 
-    ``kind`` is ``"linear"``, ``"embedding"`` or ``"conv2d"`` from the adapter alone; after
-    :meth:`Adapter.bind` a linear module stored ``(in, out)`` in the base (transformers'
-    ``Conv1D``, GPT-2) has kind ``"conv1d"``. ``keys`` maps ``A``, ``B`` (``lora_A``/``lora_B``
-    or ``lora_embedding_A``/``_B``), ``magnitude`` (DoRA) and ``bias`` (``lora_B.bias``) to
-    adapter tensor names; ``base_key`` (and ``bias_key`` with ``lora_bias``) are set by
-    ``bind``, with ``layout`` saying how a square weight's layout was decided.
+    ``kind`` is the delta's maths. From the adapter alone: ``"linear"``, ``"embedding"``,
+    ``"nn_conv1d"`` / ``"conv2d"`` / ``"conv3d"`` (torch convolutions, by the factors' rank)
+    or ``"tokens"`` (``trainable_token_indices``). :meth:`Adapter.bind` settles the rest: a
+    linear module stored ``(in, out)`` in the base (transformers' ``Conv1D``, GPT-2) becomes
+    ``"conv1d"``, a LoRA on a 3-D ``nn.Parameter`` (``target_parameters``: MoE experts)
+    ``"expert"``, on a 2-D one (a router) ``"param"``. ``keys`` maps ``A``, ``B``
+    (``lora_A``/``lora_B`` or ``lora_embedding_A``/``_B``), ``magnitude`` (DoRA), ``bias``
+    (``lora_B.bias``) and ``delta`` (trainable tokens) to adapter tensor names.
+
+    Set by ``bind``: ``base_key`` (and ``bias_key`` with ``lora_bias``), ``layout`` (how the
+    kind was decided), ``param`` (the model parameter it changes, when the model definition is
+    known), ``position`` (its place in PEFT's merge order: model order), ``experts`` and
+    ``transposed`` (an expert stack ``(E, in, out)``), ``indices`` (trainable tokens).
     """
 
     name: str
@@ -59,6 +67,11 @@ class LoraModule:
     base_key: str | None = None
     bias_key: str | None = None
     layout: str | None = None  # how the kind was decided at bind time
+    param: str | None = None
+    position: int = 0
+    experts: int = 1
+    transposed: bool = False
+    indices: tuple[int, ...] = ()
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -164,19 +177,25 @@ class Adapter:
         base: Checkpoint | None,
         *,
         config: dict[str, Any] | None = None,
+        layouts: Mapping[str, bool] | None = None,
+        stand_in: bool = False,
     ) -> MergePlan:
         """Map the adapter onto ``base`` and validate it from headers; see :class:`MergePlan`.
 
-        ``config`` is the base's ``config.json`` (read from the base directory when omitted):
-        ``model_type`` decides the layout of square GPT-2 ``Conv1D`` weights and
-        ``tie_word_embeddings`` whether a head LoRA merges into the input embedding.
-        ``base=None`` plans the adapter's own deltas (``lora-delta`` without a base): names are
-        ``<module>.weight``, layouts come from ``fan_in_fan_out``; DoRA and saved full tensors
-        need a base and are refused.
+        With ``transformers`` installed and the base's ``config.json`` (``config``: that dict,
+        read from the base directory when omitted) naming its class, every module's kind,
+        layout, tying, dtype and the output's names come from the model definition
+        (:mod:`stream_tv.lora.bind_facts`); otherwise from names and shapes, refusing what
+        they cannot settle (:mod:`stream_tv.lora.bind_rules`). ``layouts`` maps module
+        patterns to ``True`` (a GPT-2 Conv1D) or ``False`` (a Linear) for square weights the
+        rules cannot settle. ``base=None`` plans the adapter's own deltas (``lora-delta``
+        without a base): names are ``<module>.weight``; DoRA, trainable tokens and saved full
+        tensors need a base and are refused. ``stand_in``: ``base`` is a task vector with the
+        base's names and shapes (``compare``): tensors may be missing.
         """
         from .bind import bind_adapter
 
-        return bind_adapter(self, base, config)
+        return bind_adapter(self, base, config, layouts=layouts, stand_in=stand_in)
 
 
 def _describe(
@@ -209,7 +228,10 @@ def _describe(
 
     modules = []
     for name, p in parts.items():
-        modules.append(_module(name, p, tensors, config, bad))
+        if "trainable_tokens_delta" in p:
+            modules.append(_tokens_module(name, p, tensors, bad))
+        else:
+            modules.append(_module(name, p, tensors, config, bad))
     if not modules and not saved:
         raise bad("the adapter file holds no tensors")
     return modules, saved
@@ -232,7 +254,9 @@ def _module(name, p: dict[str, str], tensors, config: AdapterConfig, bad) -> Lor
     kind, in_f, out_f = _factor_shapes(name, emb, a_part, b_part, A.shape, B.shape, bad)
     r = A.shape[0]
     expected_r = config.rank_for(name)
-    if r != expected_r:
+    # subtle: a LoRA on an expert stack (target_parameters) has r * experts rows, and its r
+    # comes from the parameter's name; bind checks it once it knows the parameter.
+    if r != expected_r and not config.target_parameters:
         raise bad(
             f"module {name!r}: rank {r} in the weights, but adapter_config.json gives r="
             f"{expected_r} (field 'r' or 'rank_pattern')",
@@ -267,21 +291,24 @@ def _module(name, p: dict[str, str], tensors, config: AdapterConfig, bad) -> Lor
     )
 
 
+CONV_KINDS = {3: "nn_conv1d", 4: "conv2d", 5: "conv3d"}  # by the factors' number of dims
+
+
 def _factor_shapes(name, emb, a_part, b_part, a, b, bad) -> tuple[str, int, int]:
     """The layer kind the factor shapes say, and its (in, out) features."""
     if emb:
         kind = "embedding"
         ok = len(a) == 2 and len(b) == 2 and a[0] == b[1]
-    elif len(a) == 4:
-        kind = "conv2d"
-        ok = len(b) == 4 and b[2:] == (1, 1) and a[0] == b[1]
+    elif len(a) in CONV_KINDS:
+        kind = CONV_KINDS[len(a)]
+        ok = len(b) == len(a) and all(k == 1 for k in b[2:]) and a[0] == b[1]
     elif len(a) == 2:
         kind = "linear"
         ok = len(b) == 2 and a[0] == b[1]
     else:
         raise bad(
-            f"module {name!r}: {a_part} has shape {list(a)}; only Linear, Conv1D, "
-            "Embedding and Conv2d LoRA layers are supported (not Conv1d/Conv3d)"
+            f"module {name!r}: {a_part} has shape {list(a)}; LoRA factors have 2 dims (Linear, "
+            "Conv1D, Embedding, parameters) or 3-5 (torch's Conv1d/Conv2d/Conv3d)"
         )
     if not ok:
         raise bad(
@@ -316,3 +343,31 @@ def _check_flags(name, dora, has_bias, kind, config: AdapterConfig, bad) -> None
         )
     if has_bias and kind == "embedding":
         raise bad(f"module {name!r}: lora_bias on an Embedding (PEFT does not support it)")
+
+
+def _tokens_module(name, p: dict[str, str], tensors, bad) -> LoraModule:
+    """``trainable_token_indices``: the rows written over an embedding (indices: at bind)."""
+    if len(p) > 1:
+        other = next(k for part, k in p.items() if part != "trainable_tokens_delta")
+        raise bad(
+            f"module {name!r} has trainable tokens and LoRA tensors ({other!r})",
+            "PEFT does not combine both on one module",
+        )
+    key = p["trainable_tokens_delta"]
+    shape = tensors[key].shape
+    if len(shape) != 2:
+        raise bad(f"{key!r} has shape {list(shape)}, expected [tokens, dim]")
+    return LoraModule(
+        name=name,
+        kind="tokens",
+        rank=0,
+        alpha=0.0,
+        scaling=1.0,
+        in_features=shape[1],
+        out_features=shape[0],
+        dora=False,
+        lora_bias=False,
+        rslora=False,
+        keys={"delta": key},
+        specs={"delta": tensors[key]},
+    )

@@ -74,8 +74,6 @@ _REFUSED_WHEN_SET = {
     "use_qalora": "QA-LoRA pools the input features; its merge is not the standard formula",
     "megatron_config": "Megatron parallel LoRA layers are not supported",
     "layer_replication": "layer replication builds new layers that share base weights",
-    "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts) is not supported yet",
-    "trainable_token_indices": "trainable tokens (a sparse embedding update) are not supported yet",
     "alora_invocation_tokens": "aLoRA activates only after invocation tokens; it cannot be merged",
     "arrow_config": "Arrow routing mixes experts per token; it cannot be merged",
     "velora_config": "VeLoRA is not supported yet",
@@ -119,6 +117,8 @@ _INTERPRETED = {
     "init_lora_weights",
     "use_dora",
     "lora_bias",
+    "target_parameters",
+    "trainable_token_indices",
 }
 
 
@@ -143,6 +143,9 @@ class AdapterConfig:
     use_dora: bool = False
     init_lora_weights: bool | str = True
     ensure_weight_tying: bool = False
+    target_parameters: tuple[str, ...] = ()  # LoRA on nn.Parameters (MoE experts, routers)
+    # trainable_token_indices: module name -> token ids ("" = the input embedding)
+    trainable_tokens: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     peft_type: str = "LORA"
     base_model_name_or_path: str | None = None
     where: str | None = None
@@ -427,6 +430,8 @@ def parse_config(data: Any, *, where: str | None = None) -> AdapterConfig:
         use_dora=bool(data.get("use_dora", False)),
         init_lora_weights=init,
         ensure_weight_tying=bool(data.get("ensure_weight_tying", False)),
+        target_parameters=_names(data.get("target_parameters"), "target_parameters", bad),
+        trainable_tokens=MappingProxyType(_tokens(data.get("trainable_token_indices"), bad)),
         peft_type="LORA",
         base_model_name_or_path=data.get("base_model_name_or_path"),
         where=where,
@@ -534,4 +539,31 @@ def _pattern(value: Any, name: str, bad, *, rank: bool) -> dict:
             if rank
             else _number(v, f"{name}[{brief(key)}]", bad)
         )
+    return out
+
+
+def _names(value: Any, name: str, bad) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise bad(name, f"{_short(value)} is not a list of parameter names")
+    return tuple(value)
+
+
+def _tokens(value: Any, bad) -> dict[str, tuple[int, ...]]:
+    """``trainable_token_indices``: a list (the input embedding, key ``""``) or an object of
+    module name -> token ids."""
+    name = "trainable_token_indices"
+    if value is None:
+        return {}
+    items = value.items() if isinstance(value, dict) else [("", value)]
+    out = {}
+    for module, ids in items:
+        if not isinstance(ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+        ):
+            raise bad(name, f"{_short(ids)} is not a list of token ids")
+        if len(set(ids)) != len(ids):
+            raise bad(name, f"{_short(ids)} repeats a token id; PEFT's merge is undefined then")
+        out[str(module)] = tuple(ids)
     return out

@@ -12,10 +12,15 @@ Linear                  ``W += (B @ A) * s``                                    
 Conv1D (fan_in_fan_out) ``W += (B @ A).T * s``                                      1
 Embedding               ``W += ((B @ A).T * s).to(W.dtype)``                        2
 Conv2d 1x1              ``W += (B[:, :, 0, 0] @ A[:, :, 0, 0])[..., None, None] * s`` 1
-Conv2d kxk              ``W += conv2d(A.transpose(0, 1), B).transpose(0, 1) * s``   1
+Conv1d/2d/3d            ``W += convNd(A.transpose(0, 1), B).transpose(0, 1) * s``   1
 lora_bias               ``bias += lora_B.bias * s``                                 1
 DoRA                    ``W = ((m / ||W + D||) * (W + D)).to(W.dtype)``              1
+expert stack (E, o, i)  ``W += (einsum("ore,eri->eoi", B3, A3) * s).to(W.dtype)``   2
+2-D nn.Parameter        ``W += ((B @ A) * s).to(W.dtype)``                          2
+trainable tokens        ``W[idx] = delta.to(W.dtype)``                              1
 ======================  ==========================================================  ========
+
+For a float64 weight PEFT keeps the factors in float64 and every product is float64.
 
 ``# subtle:`` three CPU traps decide the bits, all measured with the installed torch/MKL:
 
@@ -72,13 +77,23 @@ def window(start: int, stop: int, total: int) -> tuple[int, int]:
 
 
 def product_rows(B: torch.Tensor, A: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows ``[start, stop)`` of ``B @ A``, bitwise equal to those rows of the full product."""
+    """Rows ``[start, stop)`` of ``B @ A``, bitwise equal to those rows of the full product.
+
+    # subtle: a product with one output column is a matrix-vector product, whose kernel
+    # (MKL's gemv) gives other bits for a window than for the whole (seen: 1 element of
+    # 1497 rows, cut at row 64). Its full product is only ``rows x 1``: computed whole.
+    """
+    if A.shape[1] == 1:
+        return (B @ A)[start:stop]
     lo, hi = window(start, stop, B.shape[0])
     return (B[lo:hi] @ A)[start - lo : stop - lo]
 
 
 def product_cols_t(B: torch.Tensor, A: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows ``[start, stop)`` of ``(B @ A).T``, i.e. its columns, bitwise like the full one."""
+    """Rows ``[start, stop)`` of ``(B @ A).T``, i.e. its columns, bitwise like the full one
+    (one output row, a vector-matrix product: computed whole, as :func:`product_rows`)."""
+    if B.shape[0] == 1:
+        return (B @ A).T[start:stop]
     lo, hi = window(start, stop, A.shape[1])
     return (B @ A[:, lo:hi]).T[start - lo : stop - lo]
 
@@ -119,24 +134,74 @@ def embedding_delta_rows(
     return product_cols_t(B, A, start, stop) * scaling
 
 
-def conv2d_delta_rows(
+def conv_delta_rows(
     A: torch.Tensor, B: torch.Tensor, scaling: float, start: int, stop: int, *, cache=None
 ) -> torch.Tensor:
-    """Output channels ``[start, stop)`` of PEFT's ``Conv2d.get_delta_weight``.
+    """Output channels ``[start, stop)`` of PEFT's ``_ConvNd.get_delta_weight`` (torch's
+    Conv1d, Conv2d, Conv3d; ``A`` is ``(r, in, *kernel)``, ``B`` ``(out, r, 1, ...)``).
 
-    A 1x1 kernel is a matrix product (windowed like Linear). A kxk kernel goes through
-    ``F.conv2d``, whose bits depend on the whole call: the full delta is computed once (conv
-    weights are small) and kept in ``cache`` (a dict) when one is given.
+    A Conv2d 1x1 kernel is a matrix product (windowed like Linear), as PEFT tests
+    ``weight.shape[2:4] == (1, 1)``. Any other kernel goes through ``F.conv{1,2,3}d``, whose
+    bits depend on the whole call: the full delta is computed once (conv weights are small)
+    and kept in ``cache`` (a dict) when one is given.
     """
-    if A.shape[2:] == (1, 1):
+    if A.dim() == 4 and A.shape[2:] == (1, 1):
         a = A.squeeze(3).squeeze(2)
         b = B.squeeze(3).squeeze(2)
         return (product_rows(b, a, start, stop).unsqueeze(2).unsqueeze(3)) * scaling
-    full = cache.get("conv2d") if cache is not None else None
+    full = cache.get("conv") if cache is not None else None
     if full is None:
-        full = F.conv2d(A.transpose(0, 1), B).transpose(0, 1) * scaling
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[A.dim()]
+        full = conv(A.transpose(0, 1), B).transpose(0, 1) * scaling
         if cache is not None:
-            cache["conv2d"] = full
+            cache["conv"] = full
+    return full[start:stop]
+
+
+conv2d_delta_rows = conv_delta_rows  # the name of the Conv2d-only version
+
+
+def expert_delta(
+    A: torch.Tensor, B: torch.Tensor, scaling: float, lo: int, hi: int, experts: int, *, transposed
+) -> torch.Tensor:
+    """Experts ``[lo, hi)`` of PEFT's ``ParamWrapper.get_delta_weight`` for an expert stack.
+
+    ``A`` is ``(r * E, in)`` with expert ``e``'s rows contiguous, ``B`` ``(out, r * E)`` with
+    them strided; the stack is ``(E, out, in)``, or ``(E, in, out)`` when the module is
+    ``transposed`` (``is_transposed``). PEFT's own contraction, on a slice of the experts:
+    the batched product computes each expert alone, so a slice has the full call's bits.
+
+    >>> A, B = torch.ones(4, 3), torch.ones(5, 4)  # r = 2, E = 2
+    >>> expert_delta(A, B, 0.5, 1, 2, 2, transposed=False).shape
+    torch.Size([1, 5, 3])
+    """
+    A3 = A.reshape(experts, -1, A.shape[-1])[lo:hi]
+    B3 = B.reshape(B.shape[0], -1, experts)[:, :, lo:hi]
+    equation = "o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i"
+    return torch.einsum(equation, B3, A3) * scaling
+
+
+def expert_delta_rows(
+    A, B, scaling: float, start: int, stop: int, experts: int, part, *, transposed, cache=None
+) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a tensor holding part of an expert stack's delta.
+
+    ``part`` (a :class:`~stream_tv.lora.model_facts.KeySlice`) says which: ``part.expert``'s
+    matrix, narrowed along ``part.dim`` to ``[part.start, part.stop)`` when set (Mixtral's
+    ``w1``/``w3`` are the two halves of ``gate_up_proj[e]``); ``None``: the tensor is the whole
+    stack and its rows are the experts.
+    """
+    if part is None or part.expert is None:
+        return expert_delta(A, B, scaling, start, stop, experts, transposed=transposed)
+    full = cache.get("expert") if cache is not None else None
+    if full is None:
+        full = expert_delta(
+            A, B, scaling, part.expert, part.expert + 1, experts, transposed=transposed
+        )[0]
+        if part.dim is not None:
+            full = full.narrow(part.dim, part.start, part.stop - part.start)
+        if cache is not None:
+            cache["expert"] = full
     return full[start:stop]
 
 
@@ -201,8 +266,11 @@ class SquaresAccumulator:
     ([5.0, 1.0], 2)
     """
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu"):
-        self.acc32 = torch.zeros(columns, dtype=torch.float32, device=device)
+    def __init__(
+        self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ):
+        # ``dtype``: the weight's work dtype (float64 for float64 weights, summed the same way)
+        self.acc32 = torch.zeros(columns, dtype=dtype, device=device)
         self.acc64 = torch.zeros(columns, dtype=torch.float64, device=device)
         self.rows_seen = 0
 

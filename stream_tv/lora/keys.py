@@ -11,6 +11,8 @@ suffix                          meaning
 ``lora_B.bias``                 ``lora_bias=True``: added to the base bias
 ``lora_embedding_A`` / ``_B``   Embedding factors, no ``.weight``: A ``(r, vocab)``, B ``(dim, r)``
 ``lora_magnitude_vector``       DoRA magnitude (PEFT strips the ``.weight`` of the module)
+``token_adapter.``              ``trainable_token_indices``: the new rows of those tokens
+``trainable_tokens_delta``      ``(len(indices), dim)``, written over the embedding's rows
 anything else                   a full tensor that replaces the base one: ``modules_to_save``
                                 copies (``lm_head.weight``), saved embeddings
                                 (``embed_tokens.base_layer.weight``), trained biases
@@ -42,6 +44,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_A.weight", "lora_A"),
     (".lora_B.weight", "lora_B"),
     (".lora_B.bias", "lora_B_bias"),
+    (".token_adapter.trainable_tokens_delta", "trainable_tokens_delta"),
 )
 
 LORA_PARTS = frozenset(part for _, part in _SUFFIXES)
@@ -88,6 +91,8 @@ def parse_adapter_key(key: str) -> AdapterKey:
     AdapterKey(module='model.layers.1.mlp.up_proj', part='lora_magnitude_vector', param=None)
     >>> parse_adapter_key("base_model.model.score.modules_to_save.default.weight")
     AdapterKey(module='score', part='full', param='weight')
+    >>> parse_adapter_key("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta")
+    AdapterKey(module='model.embed_tokens', part='trainable_tokens_delta', param=None)
     >>> parse_adapter_key("base_model.model.model.layers.0.mlp.lora_E")
     AdapterKey(module='model.layers.0.mlp', part='unknown', param='lora_E')
     """

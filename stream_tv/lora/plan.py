@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -30,7 +30,7 @@ import torch
 from ..errors import AdapterError
 from ..io.index import Checkpoint, TensorSpec
 from .adapter import Adapter, LoraModule
-from .keys import is_output_head
+from .model_facts import KeySlice
 from .runtime import OpenMerge
 
 PRECISIONS = ("exact-peft", "fp32")
@@ -40,7 +40,11 @@ PRECISIONS = ("exact-peft", "fp32")
 class Step:
     """One LoRA layer's contribution to one base tensor (its weight, or its bias).
 
-    ``weight`` multiplies the module's scaling (``MergePlan.combine``).
+    ``weight`` multiplies the module's scaling (``MergePlan.combine``). ``twice`` overrides
+    whether PEFT rounds the delta to the weight dtype before adding it (Embedding does; so do
+    ``target_parameters`` and MultiheadAttention). ``part`` says which part of an expert
+    stack's delta the tensor holds (``None``: its rows are the experts). ``sub`` orders the
+    steps of one module on one tensor (MultiheadAttention adds out_proj's delta twice).
     """
 
     module: LoraModule
@@ -48,6 +52,9 @@ class Step:
     adapter: Adapter
     weight: float = 1.0
     adapter_index: int = 0
+    twice: bool | None = None
+    part: KeySlice | None = None
+    sub: int = 0
 
     def __repr__(self) -> str:
         w = "" if self.weight == 1.0 else f", weight={self.weight}"
@@ -80,21 +87,33 @@ class Step:
 
     @property
     def rounds_twice(self) -> bool:
+        if self.twice is not None:
+            return self.twice
         return self.kind == "embedding" and not self.dora
 
+    @property
+    def replaces_rows(self) -> bool:
+        """Trainable tokens: rows written over, not added to."""
+        return self.kind == "tokens"
 
-def step_order(step: Step) -> tuple[int, int]:
-    """PEFT's merge order of the steps on one tensor.
 
-    PEFT merges module by module in model order; the only tensors that several modules
-    touch are tied embeddings, where the input embedding comes first and the head last.
-    """
-    return (1 if is_output_head(step.module.name) else 0, step.adapter_index)
+def step_order(step: Step) -> tuple[int, int, int]:
+    """PEFT's merge order of the steps on one tensor: module by module in model order (each
+    module merging its adapters in order), which ``bind`` records as ``module.position``.
+    Several modules touch one tensor only where weights are tied (an input embedding before
+    its head, T5's encoder embedding before the decoder's)."""
+    return (step.module.position, step.adapter_index, step.sub)
 
 
 @dataclass(frozen=True, eq=False)
 class TensorMerge:
-    """How one base tensor changes: an optional replacement, then LoRA steps in PEFT order.
+    """How one output tensor changes: an optional replacement, then LoRA steps in PEFT order.
+
+    ``key`` is the name written (what PEFT's ``save_pretrained`` writes: for a base with legacy
+    names or a renaming class it differs from the base tensor's); ``spec`` the base tensor read
+    (``base_name`` its name when the output stands for it one to one: ``None`` for a head PEFT
+    unties from the embedding it shared). ``dtype`` is the output dtype: the dtype the model
+    loads the parameter in (float32 for modules transformers keeps in float32).
 
     Rows are dim 0 of the tensor as stored (for a 1-D bias, its elements). The engine reads
     ``merge_inputs`` in aligned row chunks and streams them through ``open(device)``'s
@@ -104,10 +123,11 @@ class TensorMerge:
     key: str
     spec: TensorSpec | None  # the base tensor (None when planning deltas without a base)
     shape: tuple[int, ...]
-    dtype: torch.dtype  # output dtype: the base tensor's
+    dtype: torch.dtype  # output dtype
     replacement: TensorSpec | None = None
     replacement_is_base_copy: bool = False
     steps: tuple[Step, ...] = ()
+    base_name: str | None = None
 
     def __post_init__(self) -> None:
         two = [s.module.name for s in self.steps if s.two_pass]
@@ -131,6 +151,12 @@ class TensorMerge:
         return 2 if any(s.two_pass for s in self.steps) else 1
 
     @property
+    def work_dtype(self) -> torch.dtype:
+        """The dtype PEFT holds the factors and computes the deltas in: float64 for a float64
+        weight (the factors follow the weight's dtype), else float32 (PEFT upcasts)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
     def merge_inputs(self) -> list[TensorSpec]:
         """What ``merge_rows`` reads as ``w_rows``: the replacement if any, else the base."""
         src = self.replacement if self.replacement is not None else self.spec
@@ -138,8 +164,9 @@ class TensorMerge:
 
     @property
     def needs_base(self) -> bool:
-        """Whether ``delta_rows`` needs ``w_rows``: DoRA's delta depends on the weights."""
-        return any(s.dora for s in self.steps)
+        """Whether ``delta_rows`` needs ``w_rows``: DoRA's delta depends on the weights, and
+        trainable tokens replace rows."""
+        return any(s.dora or s.replaces_rows for s in self.steps)
 
     @property
     def rounds_more_than_once(self) -> bool:
@@ -155,19 +182,20 @@ class TensorMerge:
         """Refuse what ``precision`` cannot reproduce; call before streaming anything."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-        if precision != "exact-peft":
-            return
-        seen: set[str] = set()
-        for s in self.steps:
-            if s.dora and s.module.name in seen:
+        for i, s in enumerate(self.steps):
+            earlier = [e for e in self.steps[:i] if e.module.name == s.module.name]
+            if s.dora and earlier:
+                _check_dora_after(self.key, s, earlier, precision)
+            if s.two_pass and self.work_dtype == torch.float64 and precision == "exact-peft":
+                # subtle: in float32 torch's norm over the stored rows is a sequential sum
+                # (SquaresAccumulator); in float64 it reduces in another order, not reproduced.
                 raise AdapterError(
-                    f"{self.key!r}: DoRA layer {s.module.name!r} of a later adapter follows "
-                    "another adapter on the same module; PEFT unmerges and re-merges the "
-                    "earlier ones to find its base, which is not reproduced",
-                    hint="merge with --precision fp32 (precision='fp32'), or put the DoRA "
-                    "adapter first",
+                    f"{self.key!r}: DoRA layer {s.module.name!r} on a float64 Embedding/Conv1D: "
+                    "PEFT's float64 norm over all rows sums in an order stream-tv does not "
+                    "reproduce (it differs in the last bits)",
+                    hint="merge with --precision fp32 (precision='fp32'): the same norm, "
+                    "correctly summed",
                 )
-            seen.add(s.module.name)
 
     @contextlib.contextmanager
     def open(self, device: torch.device | str = "cpu") -> Iterator[OpenMerge]:
@@ -180,25 +208,69 @@ class TensorMerge:
             rt.close()
 
 
+def _check_dora_after(key: str, s: Step, earlier: list[Step], precision: str) -> None:
+    """A DoRA layer after other layers of the same module (several adapters).
+
+    PEFT computes its norm on the module's weight with the module's merged adapters
+    unmerged (``_unmerged_base_weight``), then merges them back: reproduced for plain LoRA
+    layers before a row-wise (Linear, Conv2d) DoRA layer. ``fp32`` takes the weight before
+    the module's first layer.
+    """
+    if s.two_pass:
+        why, hint = "its norm runs over all rows of an Embedding/Conv1D", ""
+    elif precision == "exact-peft" and any(e.dora or e.replaces_rows for e in earlier):
+        why = "PEFT unmerges a DoRA layer by dividing by its magnitude, which is not reproduced"
+        hint = "merge with --precision fp32 (precision='fp32'), "
+    else:
+        return
+    raise AdapterError(
+        f"{key!r}: DoRA layer {s.module.name!r} of a later adapter follows another adapter on "
+        f"the same module; PEFT unmerges the earlier ones to find its base and merges them "
+        f"back, reproduced only for plain LoRA layers before a Linear/Conv2d DoRA layer ({why})",
+        hint=hint + "put the DoRA adapter first, or merge the adapters one at a time",
+    )
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One tensor of the output: its name, the base tensor it is read from, its dtype."""
+
+    key: str
+    spec: TensorSpec
+    dtype: torch.dtype
+
+
 @dataclass(frozen=True)
 class MergePlan:
-    """Per base tensor the adapter(s) touch, a :class:`TensorMerge`; and the untouched keys.
+    """What merging the adapter(s) into the base writes, tensor by tensor.
 
-    ``merges`` is in base order (file, then data order); ``untouched`` lists the base tensors
-    to copy unchanged. ``modules`` are the bound module records (``base_key`` set).
+    ``outputs`` lists every output tensor in order (what PEFT's ``save_pretrained`` writes:
+    tensors the class drops or that stay tied are absent, see ``dropped``); ``merges`` holds a
+    :class:`TensorMerge` for the outputs the adapter(s) change, the others are copies of their
+    base tensor (cast to their dtype). ``config_updates`` are the ``config.json`` values PEFT's
+    merge changes (``tie_word_embeddings`` when it unties the head). ``modules`` are the bound
+    module records; ``basis`` says where the modules' kinds and ties came from.
     """
 
     base: Checkpoint | None
     merges: dict[str, TensorMerge]
-    untouched: list[str]
     adapters: list[tuple[Adapter, float]]
     modules: list[LoraModule] = field(default_factory=list)
+    outputs: tuple[Planned, ...] = ()
+    dropped: Mapping[str, str] = field(default_factory=dict)  # base key -> why it is not written
+    config_updates: Mapping[str, object] = field(default_factory=dict)
+    basis: str = ""
 
     def __iter__(self) -> Iterator[TensorMerge]:
         return iter(self.merges.values())
 
     def __len__(self) -> int:
         return len(self.merges)
+
+    @property
+    def untouched(self) -> list[str]:
+        """Output tensors written as copies of their base tensor."""
+        return [o.key for o in self.outputs if o.key not in self.merges]
 
     def check(self, precision: str = "exact-peft") -> None:
         """Everything ``precision`` cannot reproduce raises here, before any data is read."""
@@ -209,17 +281,24 @@ class MergePlan:
         """Module path -> base tensor name, for every adapted module."""
         return {m.name: m.base_key for m in self.modules}
 
+    def by_base_name(self) -> dict[str, TensorMerge]:
+        """The merges by the base tensor each stands for (``lora-delta`` and ``compare`` name
+        tensors as the base does); outputs without one keep their own name."""
+        return {t.base_name or t.key: t for t in self.merges.values()}
+
     @classmethod
     def combine(cls, items: Sequence[tuple[MergePlan, float]]) -> MergePlan:
         """Merge several adapters' plans on one base: ``base + sum(w_i * delta_i)``.
 
         Each weight multiplies its adapter's scaling. Steps on a tensor keep PEFT's order:
         module by module (input embedding before the head), adapters in the given order.
-        Two adapters replacing the same tensor (``modules_to_save``) are refused.
+        Two adapters replacing the same tensor (``modules_to_save``), or writing different
+        tensors (one unties a head), are refused.
         """
         if not items:
             raise ValueError("combine needs at least one plan")
-        base = items[0][0].base
+        first = items[0][0]
+        base = first.base
         for plan, _ in items[1:]:
             if plan.base is not base and (
                 plan.base is None or base is None or plan.base.tensors.keys() != base.tensors.keys()
@@ -228,7 +307,15 @@ class MergePlan:
                     "adapters bound to different bases cannot be combined",
                     hint="bind every adapter to the same base checkpoint",
                 )
-        order = list(base.tensors) if base is not None else []
+            if [o.key for o in plan.outputs] != [o.key for o in first.outputs] or dict(
+                plan.config_updates
+            ) != dict(first.config_updates):
+                raise AdapterError(
+                    "these adapters change which tensors the merged model has (one unties a "
+                    "tied head with modules_to_save, or renames differ)",
+                    hint="merge these adapters one at a time",
+                )
+        order = [o.key for o in first.outputs]
         for plan, _ in items:
             order += [k for k in plan.merges if k not in order]
         merges: dict[str, TensorMerge] = {}
@@ -238,12 +325,18 @@ class MergePlan:
             ]
             if parts:
                 merges[key] = _combined(key, parts, items)
+        outputs = first.outputs or tuple(
+            Planned(t.key, t.spec, t.dtype) for t in merges.values() if t.spec is not None
+        )
         return cls(
             base=base,
             merges=merges,
-            untouched=[k for k in (base.tensors if base is not None else []) if k not in merges],
             adapters=[(a, aw * w) for plan, w in items for a, aw in plan.adapters],
             modules=[m for plan, _ in items for m in plan.modules],
+            outputs=outputs,
+            dropped=first.dropped,
+            config_updates=first.config_updates,
+            basis=first.basis,
         )
 
 
@@ -272,4 +365,5 @@ def _combined(
         replacement=reps[-1][1].replacement if reps else None,
         replacement_is_base_copy=reps[-1][1].replacement_is_base_copy if reps else False,
         steps=tuple(steps),
+        base_name=first.base_name,
     )
