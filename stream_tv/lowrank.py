@@ -1,0 +1,497 @@
+"""Low-rank factorisation of a task-vector tensor, streamed in row chunks, and its PEFT tensors.
+
+A LoRA adapter is a low-rank factorisation of a task vector, so a full fine-tune's task vector
+``T = finetuned - base`` can be compressed into one. :class:`StreamedSVD` computes the leading
+singular triplets of one tensor ``T`` (``m x n``, ``m`` = stored rows) by the randomized SVD
+of Halko, Martinsson and Tropp (2011, algorithms 4.4 and 5.1), fed row chunks ``T[start:stop]``
+pass after pass; never more than one chunk of ``T`` exists, and what it keeps is
+``O((m + n) k)`` with ``k = rank + oversample``:
+
+==========  =================================================  ================================
+pass        per chunk ``T_c = T[start:stop]``                  after the pass's last chunk
+==========  =================================================  ================================
+0           ``Y_c = T_c Omega``; ``||T||_F^2 += ||T_c||^2``     ``Q = qr(Y)``
+1, 3, ...   ``Z += T_c^T Q_c``                                  ``Z = qr(Z)``
+2, 4, ...   ``Y_c = T_c Z``                                     ``Q = qr(Y)``
+2q + 1      ``B^T += T_c^T Q_c``                                ``B = W S X^T``: ``U = Q W``, ``V = X``
+==========  =================================================  ================================
+
+so ``2 + 2q`` passes for ``q`` power iterations. ``Omega`` is a seeded Gaussian ``n x k``
+drawn on the CPU: it multiplies ``T`` from the right, so neither the chunking nor the device
+changes it, and the result depends on the chunking only through float rounding. Chunk products
+run in float32 (the chunk's device: CPU or CUDA, same code); the accumulators over chunks, the
+norm, the thin QRs and the small SVD run in float64.
+
+The retained energy at every rank ``r <= k`` comes without another pass. With ``Q``
+orthonormal and ``B = Q^T T = W S X^T``, the rank-``r`` result is
+``L_r = U_r S_r V_r^T = Q W_r W_r^T Q^T T = P_r T`` for the orthogonal projector
+``P_r = (Q W_r)(Q W_r)^T``. Hence ``||T - L_r||^2 = ||T||^2 - ||P_r T||^2`` (Pythagoras:
+``P_r T`` and ``(I - P_r) T`` are orthogonal) and ``||P_r T||^2 = ||W_r^T B||^2 =
+||S_r X_r^T||^2 = s_1^2 + ... + s_r^2``, so
+
+    retained_energy(r) = 1 - ||T - L_r||^2 / ||T||^2 = (s_1^2 + ... + s_r^2) / ||T||_F^2
+
+exactly for the factors returned (not an estimate of the optimal one), with ``||T||_F^2``
+from pass 0. Since ``L_r`` is a rank-``r`` matrix, this never exceeds the optimal truncated
+SVD's energy (Eckart-Young): the randomized figure is a lower bound, tight to ~1e-4 for two
+power iterations on task vectors (tests/test_lowrank.py measures it).
+
+>>> g = torch.Generator().manual_seed(0)
+>>> T = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)   # rank 3
+>>> svd = StreamedSVD(40, 30, rank=4, seed=1)
+>>> for p in range(svd.passes):
+...     for start in range(0, 40, 16):                # row chunks, pass after pass
+...         svd.update(T[start : start + 16], start, min(start + 16, 40), p)
+>>> res = svd.result()
+>>> svd.passes, res.rank, res.sketch, round(res.retained_energy(3), 6)
+(6, 4, 12, 1.0)
+>>> res.rank_for_energy(0.999) <= 3, res.relative_error(3) < 1e-3
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stream_tv.errors import InputError, NonFiniteError
+from stream_tv.ops import blocks, round_to
+
+__all__ = [
+    "ENERGY_LEVELS",
+    "LAYER_KINDS",
+    "LowRankResult",
+    "StreamedSVD",
+    "lora_rank_config",
+    "peft_lora_tensors",
+    "tensor_seed",
+]
+
+#: The energy fractions whose ranks every result reports.
+ENERGY_LEVELS = (0.5, 0.9, 0.99)
+#: Layer kinds :func:`peft_lora_tensors` knows, by how PEFT stores their factors.
+LAYER_KINDS = ("linear", "conv1d", "embedding", "conv2d")
+_SPLITS = ("sqrt", "A", "B")
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from a run's seed and the tensor's name, stable across runs.
+
+    Different tensors with the same number of columns then get different ``Omega``.
+
+    >>> tensor_seed(0, "model.layers.0.self_attn.q_proj.weight") == tensor_seed(
+    ...     0, "model.layers.0.self_attn.q_proj.weight")
+    True
+    >>> tensor_seed(0, "a") != tensor_seed(1, "a")
+    True
+    """
+    return (zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
+
+
+def _orthonormal(m: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of ``m``'s columns: thin Householder QR in float64.
+
+    # subtle: not Cholesky-QR of the Gram matrix: ``Y = T Z`` has the condition of ``T``'s
+    # leading spectrum, squared by a Gram matrix; Householder keeps ``Q`` orthonormal even
+    # when ``Y`` is rank deficient (a task vector of rank < k, an all-zero tensor).
+    """
+    return torch.linalg.qr(m.to(torch.float64), mode="reduced").Q
+
+
+class StreamedSVD:
+    """The randomized SVD of one ``rows x cols`` tensor, fed row chunks pass after pass.
+
+    ``rank``: the largest rank the result will be asked for (capped at ``min(rows, cols)``);
+    the sketch has ``k = rank + oversample`` columns (capped likewise). ``power_iters``:
+    ``q``; the tensor is streamed ``passes = 2 + 2q`` times. Call :meth:`update` with every
+    chunk of pass 0 in row order, then of pass 1, and so on (the between-pass work runs when
+    a pass's last row arrives), then :meth:`result`. A chunk of a tensor with more than two
+    dimensions (Conv2d ``(out, in, kh, kw)``) is flattened to ``(rows, cols)``.
+
+    ``device``: where the state lives; ``None`` takes the first chunk's. ``dtype``: of the
+    chunk products (float32, or float64 for float64 models). ``name`` appears in errors.
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        *,
+        rank: int,
+        oversample: int = 8,
+        power_iters: int = 2,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        name: str = "tensor",
+    ):
+        if rows < 1 or cols < 1:
+            raise InputError(
+                f"cannot factorise a {rows} x {cols} tensor", where=name, hint="skip empty tensors"
+            )
+        if rank < 1:
+            raise InputError(f"rank must be at least 1, got {rank}", where=name)
+        if oversample < 0 or power_iters < 0:
+            raise InputError(
+                f"oversample and power_iters must be >= 0, got {oversample} and {power_iters}",
+                where=name,
+            )
+        if dtype not in (torch.float32, torch.float64):
+            raise InputError(f"product dtype must be float32 or float64, got {dtype}", where=name)
+        self.rows, self.cols, self.name = rows, cols, name
+        self.requested_rank = rank
+        self.rank = min(rank, rows, cols)
+        self.sketch = min(rank + oversample, rows, cols)
+        self.power_iters = power_iters
+        self.seed = seed
+        self.dtype = dtype
+        self.passes = 2 + 2 * power_iters
+        self.device = torch.device(device) if device is not None else None
+        self._pass = 0  # the pass being fed
+        self._next_row = 0  # the first row the next chunk must start at
+        self._mk: torch.Tensor | None = None  # m x k: Y while a range pass runs, then Q
+        self._nk: torch.Tensor | None = None  # n x k: Omega, then the orthonormalised Z
+        self._acc: torch.Tensor | None = None  # n x k float64: Z = T^T Q (or B^T) so far
+        self._norm2: torch.Tensor | None = None  # ||T||_F^2 so far, float64 on the device
+        self._result: LowRankResult | None = None
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def update(self, chunk: torch.Tensor, start: int, stop: int, pass_index: int) -> None:
+        """Feed rows ``[start, stop)`` of ``T`` for pass ``pass_index`` (``0 .. passes-1``)."""
+        if self._result is not None or pass_index != self._pass or start != self._next_row:
+            raise RuntimeError(
+                f"{self.name}: expected rows from {self._next_row} of pass {self._pass} "
+                f"(of {self.passes}), got rows [{start}, {stop}) of pass {pass_index}"
+            )
+        if not start < stop <= self.rows or chunk.shape[0] != stop - start:
+            raise RuntimeError(
+                f"{self.name}: a chunk of shape {tuple(chunk.shape)} does not hold rows "
+                f"[{start}, {stop}) of a tensor with {self.rows} rows"
+            )
+        x = chunk.reshape(stop - start, -1)
+        if x.shape[1] != self.cols:
+            raise RuntimeError(
+                f"{self.name}: a chunk has {x.shape[1]} columns, the tensor {self.cols}"
+            )
+        if self._mk is None:
+            self._allocate(chunk.device)
+        x = x.to(device=self.device, dtype=self.dtype)
+        p = self._pass
+        if p == 0:
+            torch.matmul(x, self._nk, out=self._mk[start:stop])
+            for (b,) in blocks(x):
+                self._norm2 += b.to(torch.float64).square().sum()
+        elif p % 2 == 0:
+            torch.matmul(x, self._nk, out=self._mk[start:stop])
+        else:
+            self._acc += (x.T @ self._mk[start:stop]).to(torch.float64)
+        self._next_row = stop
+        if stop == self.rows:
+            self._end_pass()
+
+    def _allocate(self, chunk_device: torch.device) -> None:
+        if self.device is None:
+            self.device = chunk_device
+        # Drawn on the CPU in a fixed order: the same Omega on every device and chunking.
+        g = torch.Generator().manual_seed(self.seed)
+        omega = torch.randn(self.cols, self.sketch, generator=g, dtype=torch.float64)
+        self._nk = omega.to(device=self.device, dtype=self.dtype)
+        self._mk = torch.empty(self.rows, self.sketch, dtype=self.dtype, device=self.device)
+        self._acc = torch.zeros(self.cols, self.sketch, dtype=torch.float64, device=self.device)
+        self._norm2 = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def _end_pass(self) -> None:
+        p = self._pass
+        if p == 0 and not bool(torch.isfinite(self._norm2)):
+            raise NonFiniteError(
+                "NaN/Inf in the task vector",
+                where=self.name,
+                hint="check both checkpoints for NaN/Inf (stream-tv inspect)",
+            )
+        if p % 2 == 0:  # Y complete: Q = qr(Y), in place of Y
+            self._mk.copy_(_orthonormal(self._mk))
+        elif p < self.passes - 1:  # Z = T^T Q complete: orthonormalise it for the next Y
+            self._nk.copy_(_orthonormal(self._acc))
+            self._acc.zero_()
+        else:
+            self._finish()
+        self._pass += 1
+        self._next_row = 0
+
+    def _finish(self) -> None:
+        # B = Q^T T is k x n; its transpose (n x k, accumulated) is factorised instead:
+        # B^T = W' S X'^T  =>  B = X' S W'^T, so U = Q X' and V = W'.
+        bt = self._acc
+        w, s, xh = torch.linalg.svd(bt, full_matrices=False)
+        u = self._mk.to(torch.float64) @ xh.T
+        norm2 = float(self._norm2)
+        self._result = LowRankResult(
+            rows=self.rows,
+            cols=self.cols,
+            rank=self.rank,
+            sketch=self.sketch,
+            power_iters=self.power_iters,
+            seed=self.seed,
+            total_energy=norm2,
+            singular_values=s.cpu(),
+            U=u.to(self.dtype),
+            V=w.to(self.dtype),
+        )
+        self._mk = self._nk = self._acc = None
+
+    # -- result ----------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def result(self) -> LowRankResult:
+        """The factorisation, once every pass has been fed."""
+        if self._result is None:
+            raise RuntimeError(
+                f"{self.name}: pass {self._pass} of {self.passes} is incomplete "
+                f"(next row {self._next_row} of {self.rows})"
+            )
+        return self._result
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankResult:
+    """``T ~ U diag(S) V^T`` for one tensor, and how much of ``T`` each rank keeps.
+
+    ``U`` is ``(rows, sketch)``, ``V`` ``(cols, sketch)`` (orthonormal columns, on the
+    compute device, in the product dtype), ``singular_values`` descending (float64, CPU).
+    Ranks up to ``rank`` are the ones to use; the ``sketch - rank`` oversampling columns are
+    less accurate. Energies are exact for these factors (see the module docstring) up to
+    float32 rounding of the chunk products, ~1e-6 of ``||T||^2``: a relative error below
+    ~1e-3 is at rounding level. An all-zero ``T`` keeps all of its (no) energy at rank 0.
+    """
+
+    rows: int
+    cols: int
+    rank: int
+    sketch: int
+    power_iters: int
+    seed: int
+    total_energy: float  # ||T||_F^2
+    singular_values: torch.Tensor
+    U: torch.Tensor
+    V: torch.Tensor
+
+    def _check_rank(self, r: int, limit: int) -> None:
+        if not 0 <= r <= limit:
+            raise InputError(
+                f"rank {r} is outside 0..{limit} for a {self.rows} x {self.cols} tensor "
+                f"sketched with {self.sketch} columns",
+                hint="extract with a larger --rank / --max-rank",
+            )
+
+    @property
+    def energies(self) -> list[float]:
+        """``retained_energy(r)`` for ``r = 0 .. sketch``."""
+        if self.total_energy <= 0.0:
+            return [1.0] * (self.sketch + 1)
+        cum = torch.cumsum(self.singular_values.square(), 0) / self.total_energy
+        return [0.0] + cum.clamp(0.0, 1.0).tolist()
+
+    def retained_energy(self, r: int) -> float:
+        """``1 - ||T - L_r||_F^2 / ||T||_F^2`` for ``L_r = U_r S_r V_r^T``."""
+        self._check_rank(r, self.sketch)
+        return self.energies[r]
+
+    def relative_error(self, r: int) -> float:
+        """``||T - L_r||_F / ||T||_F`` (0 for an all-zero ``T``)."""
+        return math.sqrt(max(0.0, 1.0 - self.retained_energy(r)))
+
+    def rank_for_energy(self, energy: float, *, limit: int | None = None) -> int | None:
+        """The smallest rank ``r <= limit`` (default ``rank``) keeping ``energy`` of ``||T||^2``,
+        or ``None`` when even ``limit`` keeps less (the tensor needs a larger sketch)."""
+        if not 0.0 < energy <= 1.0:
+            raise InputError(f"energy must be in (0, 1], got {energy}")
+        limit = self.rank if limit is None else limit
+        self._check_rank(limit, self.sketch)
+        for r, e in enumerate(self.energies[: limit + 1]):
+            if e >= energy:
+                return r
+        return None
+
+    def select_rank(
+        self, *, rank: int | None = None, energy: float | None = None, max_rank: int | None = None
+    ) -> int:
+        """The rank to keep: ``rank`` as given (capped at ``min(rows, cols)``), or the smallest
+        keeping a fraction ``energy``, capped by ``max_rank`` (default: the sketched ``rank``).
+
+        An ``energy`` that the cap cannot reach gives the cap: see :meth:`retained_energy` for
+        what it keeps. An all-zero tensor gets rank 0 by energy.
+        """
+        if (rank is None) == (energy is None):
+            raise InputError("give exactly one of rank and energy", hint="--rank R or --energy E")
+        if rank is not None:
+            if max_rank is not None:
+                raise InputError("max_rank caps an energy selection; with rank it is not used")
+            if rank < 1:
+                raise InputError(f"rank must be at least 1, got {rank}")
+            r = min(rank, self.rows, self.cols)
+            self._check_rank(r, self.rank)
+            return r
+        cap = self.rank if max_rank is None else min(max_rank, self.rows, self.cols)
+        if cap < 1:
+            raise InputError(f"max_rank must be at least 1, got {max_rank}")
+        self._check_rank(cap, self.rank)
+        found = self.rank_for_energy(energy, limit=cap)
+        return cap if found is None else found
+
+    def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U_r, S_r, V_r)``: ``(rows, r)``, ``(r,)`` float64 on ``U``'s device, ``(cols, r)``."""
+        self._check_rank(r, self.sketch)
+        s = self.singular_values[:r].to(self.U.device)
+        return self.U[:, :r], s, self.V[:, :r]
+
+    def summary(self, r: int, *, leading: int = 8) -> dict[str, Any]:
+        """The report's figures at rank ``r``, JSON-ready.
+
+        >>> res = LowRankResult(2, 2, 2, 2, 2, 0, 25.0, torch.tensor([4.0, 3.0], dtype=torch.float64),
+        ...                     torch.eye(2), torch.eye(2))
+        >>> s = res.summary(1)
+        >>> s["retained_energy"], s["relative_error"], s["rank_for_energy"]
+        (0.64, 0.6, {'0.5': 1, '0.9': 2, '0.99': 2})
+        """
+        self._check_rank(r, self.sketch)
+        return {
+            "shape": [self.rows, self.cols],
+            "rank": r,
+            "retained_energy": self.retained_energy(r),
+            "relative_error": self.relative_error(r),
+            "norm": math.sqrt(max(self.total_energy, 0.0)),
+            "singular_values": self.singular_values[:leading].tolist(),
+            "rank_for_energy": {str(e): self.rank_for_energy(e) for e in ENERGY_LEVELS},
+            "sketch": self.sketch,
+            "power_iters": self.power_iters,
+        }
+
+
+def peft_lora_tensors(
+    kind: str,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    *,
+    weight_shape: tuple[int, ...] | torch.Size,
+    split: str = "sqrt",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """PEFT's LoRA tensors, by key suffix, whose delta with scaling 1 is ``L = U diag(S) V^T``.
+
+    ``U (rows, r)``, ``S (r,)``, ``V (cols, r)`` factor the weight *as stored*
+    (``weight_shape``; rows = dim 0, cols = the rest flattened). PEFT's delta per kind
+    (``stream_tv/lora/delta.py``) decides which side is which:
+
+    ============  ==============  ===============================  ============================
+    kind          stored weight   PEFT delta                       factors
+    ============  ==============  ===============================  ============================
+    linear        ``(out, in)``   ``B @ A``                        ``A = S^a V^T``, ``B = U S^b``
+    conv1d        ``(in, out)``   ``(B @ A).T`` (fan_in_fan_out)   ``A = S^a U^T``, ``B = V S^b``
+    embedding     ``(vocab, d)``  ``(B @ A).T``                    ``A = S^a U^T``, ``B = V S^b``
+    conv2d        ``(o, i, h, w)`` ``B[:, :, 0, 0] @ A`` flattened  as linear; ``A (r, i, h, w)``
+    ============  ==============  ===============================  ============================
+
+    with keys ``lora_A.weight`` / ``lora_B.weight``, or ``lora_embedding_A`` /
+    ``lora_embedding_B`` for an Embedding. The config must give these modules
+    ``lora_alpha = r`` (scaling 1, no rsLoRA): :func:`lora_rank_config`.
+
+    ``split``: how ``S`` is shared, ``S^a S^b = S``. ``"sqrt"`` (default, mergekit's default
+    ``--distribute-scale`` too) gives each factor ``sqrt(S)``: both then have entries of the
+    same magnitude, ``sqrt(s_i / n)``-ish, instead of one near ``1/sqrt(n)`` and the other near
+    ``s_i/sqrt(m)``. Relative rounding in bf16/fp16 does not depend on magnitude, but fp16's
+    range does: a task vector's ``s_i`` is often ~1e-2 to 1e-4, and ``U S`` entries of a 4096-row
+    tensor then fall under fp16's normal range (6.1e-5) and lose bits as subnormals, while the
+    balanced factors stay normal. Balanced factors are also what LoRA training produces, so
+    the adapter fine-tunes further at sensible gradient scales. ``"A"`` / ``"B"`` put all of
+    ``S`` into that factor (mergekit's ``--no-distribute-scale`` is ``"A"``).
+
+    The products are formed in float64 and correctly rounded to ``dtype`` once.
+
+    >>> U, S, V = torch.eye(3)[:, :2], torch.tensor([4.0, 1.0]), torch.eye(2)
+    >>> t = peft_lora_tensors("linear", U, S, V, weight_shape=(3, 2))
+    >>> sorted(t), t["lora_A.weight"].shape, t["lora_B.weight"].shape
+    (['lora_A.weight', 'lora_B.weight'], torch.Size([2, 2]), torch.Size([3, 2]))
+    >>> (t["lora_B.weight"] @ t["lora_A.weight"]).tolist()
+    [[4.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    >>> sorted(peft_lora_tensors("embedding", U, S, V, weight_shape=(3, 2)))
+    ['lora_embedding_A', 'lora_embedding_B']
+    """
+    if kind not in LAYER_KINDS:
+        raise InputError(f"unknown layer kind {kind!r}", hint=f"one of {', '.join(LAYER_KINDS)}")
+    if split not in _SPLITS:
+        raise InputError(f"unknown split {split!r}", hint=f"one of {', '.join(_SPLITS)}")
+    shape = tuple(weight_shape)
+    rows, cols = shape[0], math.prod(shape[1:])
+    r = S.shape[0]
+    if kind == "conv2d" and len(shape) != 4 or kind != "conv2d" and len(shape) != 2:
+        raise InputError(f"a {kind} weight cannot have shape {shape}")
+    if U.shape != (rows, r) or V.shape != (cols, r):
+        raise InputError(
+            f"factors U {tuple(U.shape)}, S ({r},), V {tuple(V.shape)} do not factor a weight "
+            f"of shape {shape} ({rows} x {cols})"
+        )
+    s = S.to(device=U.device, dtype=torch.float64)
+    if split == "sqrt":
+        sa = sb = s.sqrt()
+    elif split == "A":
+        sa, sb = s, torch.ones_like(s)
+    else:
+        sa, sb = torch.ones_like(s), s
+    u, v = U.to(torch.float64), V.to(torch.float64)
+
+    def out(x: torch.Tensor) -> torch.Tensor:
+        return round_to(x, dtype).contiguous()
+
+    if kind in ("linear", "conv2d"):
+        a = sa[:, None] * v.T  # (r, in...)
+        b = u * sb  # (out, r)
+        if kind == "conv2d":
+            a = a.reshape(r, *shape[1:])
+            b = b.reshape(rows, r, 1, 1)
+        return {"lora_A.weight": out(a), "lora_B.weight": out(b)}
+    a = sa[:, None] * u.T  # (r, in) / (r, vocab): stored rows are PEFT's input side
+    b = v * sb  # (out, r) / (dim, r)
+    if kind == "embedding":
+        return {"lora_embedding_A": out(a), "lora_embedding_B": out(b)}
+    return {"lora_A.weight": out(a), "lora_B.weight": out(b)}
+
+
+def lora_rank_config(ranks: Mapping[str, int]) -> dict[str, Any]:
+    """``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` for per-module ranks, scaling 1.
+
+    ``ranks`` maps PEFT module names (``model.layers.0.self_attn.q_proj``) to ranks. The most
+    common rank (the largest among ties) becomes ``r``; every other module gets a pattern.
+    ``# subtle:`` PEFT matches a pattern key ``K`` as the regex ``(.*\\.)?(K)$``, so the
+    names are escaped: an unescaped ``.`` matches any character.
+
+    >>> cfg = lora_rank_config({"a.q_proj": 8, "a.v_proj": 8, "b.q_proj": 3})
+    >>> cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]
+    (8, 8, {'b\\\\.q_proj': 3}, {'b\\\\.q_proj': 3})
+    """
+    if not ranks:
+        raise InputError("no module ranks given")
+    bad = {k: v for k, v in ranks.items() if v < 1}
+    if bad:
+        raise InputError(f"ranks must be >= 1 (a rank-0 module is left out): {bad}")
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda v: (counts[v], v))
+    pattern = {re.escape(k): v for k, v in ranks.items() if v != r}
+    return {
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+    }
