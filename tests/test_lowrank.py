@@ -434,7 +434,8 @@ def test_peft_loads_and_merges_the_extracted_adapter(tmp_path):
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": str(base_dir),
-        "target_modules": sorted({m.rsplit(".", 1)[1] for m in targets}),
+        # full names: by suffix, q_proj would also catch the untargeted layers' modules
+        "target_modules": sorted(targets),
         "layers_to_transform": None,
         "lora_dropout": 0.0,
         "bias": "none",
@@ -442,8 +443,6 @@ def test_peft_loads_and_merges_the_extracted_adapter(tmp_path):
         "inference_mode": True,
         **lora_rank_config(ranks),
     }
-    # target_modules by suffix would also catch layers.0.mlp.down_proj: name them exactly
-    config["target_modules"] = [f"{m}" for m in targets]
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     model = PeftModel.from_pretrained(tf.LlamaForCausalLM.from_pretrained(base_dir), adapter)
     merged = model.merge_and_unload().state_dict()
