@@ -19,7 +19,8 @@ pass        per chunk ``T_c = T[start:stop]``                    after the pass'
 so ``2 + 2q`` passes for ``q`` power iterations. The last pass projects on the span of every
 block (block Krylov, HMT section 4.5; Musco and Musco 2015) rather than on ``Q_q`` alone
 (HMT's subspace iteration, ``krylov=False``): the same passes, and on the flat spectra of
-few-step fine-tunes 10x less energy lost (measured in tests/test_lowrank.py).
+few-step fine-tunes 4-10x less energy lost (measured: :func:`default_oversample`,
+tests/test_lowrank.py).
 ``Omega`` is a seeded Gaussian ``n x k`` drawn on the CPU: it multiplies ``T`` from the
 right, so neither the chunking nor the device changes it, and the result depends on the
 chunking only through float rounding. Chunk products run in float32 on the chunk's device
@@ -485,16 +486,18 @@ def peft_lora_tensors(
     (``weight_shape``; rows = dim 0, cols = the rest flattened). PEFT's delta per kind
     (``stream_tv/lora/delta.py``) decides which side is which:
 
-    ============  ==============  ===============================  ============================
-    kind          stored weight   PEFT delta                       factors
-    ============  ==============  ===============================  ============================
-    linear        ``(out, in)``   ``B @ A``                        ``A = S^a V^T``, ``B = U S^b``
-    conv1d        ``(in, out)``   ``(B @ A).T`` (fan_in_fan_out)   ``A = S^a U^T``, ``B = V S^b``
-    embedding     ``(vocab, d)``  ``(B @ A).T``                    ``A = S^a U^T``, ``B = V S^b``
-    conv2d        ``(o, i, h, w)`` ``B[:, :, 0, 0] @ A`` flattened  as linear; ``A (r, i, h, w)``
-    ============  ==============  ===============================  ============================
+    =========  ==================  ======================  ===================================
+    kind       stored weight       PEFT delta              factors
+    =========  ==================  ======================  ===================================
+    linear     ``(out, in)``       ``B @ A``               ``A = S^a V^T``, ``B = U S^b``
+    conv1d     ``(in, out)``       ``(B @ A).T`` (fifo)    ``A = S^a U^T``, ``B = V S^b``
+    embedding  ``(vocab, dim)``    ``(B @ A).T``           ``A = S^a U^T``, ``B = V S^b``
+    conv2d     ``(out, in, h, w)`` ``B @ A``, flattened    as linear, ``A (r, in, h, w)``,
+                                                           ``B (out, r, 1, 1)``
+    =========  ==================  ======================  ===================================
 
-    with keys ``lora_A.weight`` / ``lora_B.weight``, or ``lora_embedding_A`` /
+    (fifo: ``fan_in_fan_out``; for a kxk Conv2d PEFT's ``conv2d(A^T, B)^T`` is the same
+    product.) Keys are ``lora_A.weight`` / ``lora_B.weight``, or ``lora_embedding_A`` /
     ``lora_embedding_B`` for an Embedding. The config must give these modules
     ``lora_alpha = r`` (scaling 1, no rsLoRA): :func:`lora_rank_config`.
 
