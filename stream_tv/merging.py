@@ -881,4 +881,4 @@ def merge_tensor(
             r = m.feed(p, a, b, [rows_of(t, a, b) for t in taus], rows_of(base, a, b))
             if r is not None:
                 out.append(r)
-    return torch.cat(out).reshape(base.shape)
+    return torch.cat([r.reshape(-1) for r in out]).reshape(base.shape)
