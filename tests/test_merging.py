@@ -113,12 +113,12 @@ def _exact_abs_sum(t: torch.Tensor) -> float:
     return float(sum((Fraction(v) for v in t.double().abs().reshape(-1).tolist()), Fraction(0)))
 
 
-def reference_merge(spec: M.MergeSpec, name: str, base: torch.Tensor, taus, out_dtype):
-    """mergekit 0.1.5's generalized task arithmetic on whole tensors in float64, written
-    from its formulas (not from stream_tv's code), with equal magnitudes ranked by index
-    and stream_tv's random bits as DARE/DELLA masks."""
+def reference_deltas(spec: M.MergeSpec, name: str, base: torch.Tensor, taus) -> torch.Tensor:
+    """The weighted sparsified task vectors ``w_i * d_i`` of mergekit 0.1.5's generalized
+    task arithmetic, on whole tensors in float64, written from its formulas (not from
+    stream_tv's code), with equal magnitudes ranked by index and stream_tv's random bits
+    as DARE/DELLA masks; stacked, one row per input."""
     n = base.numel()
-    flat_base = base.double().reshape(-1)
     deltas = []
     for i, tau in enumerate(taus):
         t = torch.zeros(n, dtype=torch.float64) if tau is None else tau.double().reshape(-1)
@@ -162,7 +162,14 @@ def reference_merge(spec: M.MergeSpec, name: str, base: torch.Tensor, taus, out_
             masked = masked * (1 / d)
         deltas.append(masked)
     w = torch.tensor(spec.weights, dtype=torch.float64).reshape(-1, 1)
-    deltas = torch.stack(deltas) * w
+    return torch.stack(deltas) * w
+
+
+def reference_merge(spec: M.MergeSpec, name: str, base: torch.Tensor, taus, out_dtype):
+    """mergekit's merge of the :func:`reference_deltas`, in float64, rounded once."""
+    flat_base = base.double().reshape(-1)
+    deltas = reference_deltas(spec, name, base, taus)
+    w = torch.tensor(spec.weights, dtype=torch.float64).reshape(-1, 1)
     if spec.method.consensus:
         majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
         agree = deltas.sign() == majority
@@ -629,7 +636,7 @@ def test_deterministic_methods_against_mergekit(tmp_path):
             )
             cases.append((dtype, method, kwargs, base, taus))
     results = run_mergekit(tmp_path, sets, jobs)
-    worst = {}
+    worst, elections = {}, {}
     for c, (dtype, method, kwargs, base, taus) in enumerate(cases):
         mine = ours(M.merge_spec(method, 3, **kwargs), base, taus, rows_per_chunk=7)
         t64, t32 = results[2 * c][0], results[2 * c + 1][0]
@@ -652,10 +659,24 @@ def test_deterministic_methods_against_mergekit(tmp_path):
             ulp = torch.finfo(dtype).eps * torch.exp2(
                 torch.floor(torch.log2(scale.clamp_min(1e-30)))
             )
-            err = ((mine[k].double() - t32[k].double()).abs() / ulp).max().item()
+            err = (mine[k].double() - t32[k].double()).abs().reshape(-1) / ulp.reshape(-1)
+            if M.METHODS[method].consensus:
+                # subtle: a weighted sum within float32 rounding of zero may elect the other
+                # sign there (e.g. 0.5 * a + 0.7 * b that float32 rounds to exactly 0, which
+                # elects +, while its float64 value is -3e-20): another disjoint mean
+                wd = reference_deltas(
+                    M.merge_spec(method, 3, **kwargs), k, base[k], [t[k] for t in taus]
+                )
+                near_zero = wd.sum(0).abs() <= 8 * torch.finfo(torch.float32).eps * wd.abs().sum(0)
+                elections[(str(dtype), method)] = elections.get((str(dtype), method), 0) + int(
+                    (near_zero & (err > 4)).sum()
+                )
+                err = err[~near_zero]
+            err = err.max().item() if err.numel() else 0.0
             worst[(str(dtype), method)] = max(worst.get((str(dtype), method), 0), err)
             assert err <= 4, (dtype, method, k, err)
     print("max difference from mergekit float32, in output ulps at the terms' scale:", worst)
+    print("elements > 4 ulps off where float32 rounds the sign election's sum to ~0:", elections)
 
 
 @needs_mergekit
@@ -863,7 +884,7 @@ def test_ties_of_three_tiny_llamas_against_mergekit_yaml(tmp_path):
     )
     theirs = load_file(next((tmp_path / "out").glob("*.safetensors")))
     spec = M.merge_spec("ties", 3, weights=weights, density=densities)
-    tied_elements = 0
+    tied_elements = compared = 0
     for k, b in base.items():
         taus = [f[k].float() - b.float() for f in fts]
         mine = M.merge_tensor(spec, k, b, taus, rows_per_chunk=5)
@@ -875,8 +896,10 @@ def test_ties_of_three_tiny_llamas_against_mergekit_yaml(tmp_path):
                 max(1, int(dens * t.numel())) - 1
             ]
             at_threshold |= t.abs().reshape(-1) == kth
-        assert u[~at_threshold].max().item() <= 4, k
+        elsewhere = u[~at_threshold]
+        assert elsewhere.numel() == 0 or int(elsewhere.max()) <= 4, k
+        compared += elsewhere.numel()
         tied_elements += int((u[at_threshold] > 4).sum())
-    print(
-        "elements differing by more than 4 ulps, all at a tied threshold magnitude:", tied_elements
-    )
+    total = sum(b.numel() for b in base.values())
+    print(f"{compared} of {total} elements within 4 ulps; {tied_elements} at a tied threshold")
+    assert compared > total / 2
