@@ -509,7 +509,8 @@ class _Input:
     gamma: float
     epsilon: float
     select: RadixSelect | None = None
-    tops: list[TopSet] = field(default_factory=list)  # magnitude: [top k]; outliers: [lo, hi]
+    cuts: list[int] = field(default_factory=list)  # magnitude: [k]; outliers: [lo, hi]
+    tops: list[TopSet] = field(default_factory=list)  # the top-cut sets, once selected
     key: tuple[int, int, int] | None = None  # random stream
     before: ExactAbsSum | None = None
     after: ExactAbsSum | None = None
@@ -585,11 +586,10 @@ class TensorMerger:
             else:
                 x.key = stream_key(spec.seed, name, x.index)
                 targets = []
-            if targets:
-                live = sorted({m for m in targets if 0 < m < n})
-                if live:
-                    x.select = RadixSelect(x.dtype, n, live)
-                x.tops = [_PendingTop(m, n) for m in targets]  # resolved after selection
+            live = sorted({m for m in targets if 0 < m < n})  # 0 and n need no selection
+            if live:
+                x.select = RadixSelect(x.dtype, n, live)
+            x.cuts = targets
             if spec.rescale == "l1":
                 x.before, x.after = ExactAbsSum(), ExactAbsSum()
         selects = max((x.select.passes for x in self._inputs if x.select), default=0)
@@ -604,6 +604,10 @@ class TensorMerger:
     @property
     def passes(self) -> int:
         return len(self.pass_kinds)
+
+    def needs_base(self, pass_index: int) -> bool:
+        """Whether pass ``pass_index`` reads the base (only the merge pass does)."""
+        return self.pass_kinds[pass_index] == MERGE
 
     @property
     def min_rows(self) -> int:
@@ -665,10 +669,11 @@ class TensorMerger:
         return result
 
     def _flat(self, t: torch.Tensor | None, x: _Input) -> torch.Tensor | None:
-        if t is None or x.dtype is None:
+        if x.dtype is None:
             return None
-        if t.dtype != x.dtype:
-            raise RuntimeError(f"{self.name}: input {x.index + 1} is {t.dtype}, planned {x.dtype}")
+        if t is None or t.dtype != x.dtype:
+            got = None if t is None else t.dtype
+            raise RuntimeError(f"{self.name}: input {x.index + 1} is {got}, planned {x.dtype}")
         return t.reshape(-1)
 
     def _blocks(self, rows: int, device: torch.device):
@@ -685,11 +690,11 @@ class TensorMerger:
         if kind == SELECT:
             return
         for x in self._inputs:
-            if x.tops and isinstance(x.tops[0], _PendingTop):  # selection is over
+            if x.cuts and not x.tops:  # selection is over
                 found = {t.m: t for t in x.select.thresholds} if x.select else {}
-                x.tops = [TopSet(found.get(p.m), p.m) for p in x.tops]  # type: ignore[union-attr]
+                x.tops = [TopSet(found.get(m), m) for m in x.cuts]
             for top in x.tops:
-                top.reset()  # type: ignore[union-attr]
+                top.reset()  # each pass sees the tied elements from the first again
 
     def _end_pass(self, kind: str) -> None:
         if kind == SELECT:
@@ -723,11 +728,11 @@ class TensorMerger:
             return None
         sp = self.spec.method.sparsification
         if sp == MAGNITUDE:
-            return x.tops[0].mask(magnitude_key(t))  # type: ignore[union-attr]
+            return x.tops[0].mask(magnitude_key(t))
         if sp == OUTLIERS:
             key = magnitude_key(t)
             lo, hi = x.tops
-            return hi.mask(key) & ~lo.mask(key)  # type: ignore[union-attr]
+            return hi.mask(key) & ~lo.mask(key)
         index = first * self.row_numel + torch.arange(t.numel(), device=t.device)
         assert x.key is not None
         bits = random_bits(x.key, index)
@@ -744,12 +749,8 @@ class TensorMerger:
         # rank by index (stable sort); mergekit's unstable argsort ranks them arbitrarily. A
         # row of one element has no rank range (mergekit divides 0 by 0): it gets p = density.
         """
-        if len(self.shape) >= 2:
-            view = t.reshape(rows, *self.shape[1:])
-            dim = 1
-        else:
-            view = t.reshape(1, -1)
-            dim = 1
+        view = t.reshape(rows, *self.shape[1:]) if len(self.shape) >= 2 else t.reshape(1, -1)
+        dim = 1
         n = view.shape[dim]
         if n <= 1:
             return torch.full(t.shape, x.density, dtype=torch.float64, device=t.device)
@@ -792,12 +793,10 @@ class TensorMerger:
             lo, hi = a * self.row_numel, b * self.row_numel
             terms = []
             for t, x in zip(flat, self._inputs, strict=True):
-                if t is None:
-                    continue
+                if t is None or x.weight == 0:
+                    continue  # adds 0 (and, with consensus, never agrees)
                 block = t[lo:hi]
                 keep = self._keep(x, block, start + a, b - a)
-                if x.weight == 0:
-                    continue  # keep() ran anyway: the tie counters must see every chunk
                 d = block.to(torch.float64)
                 if keep is not None:
                     d = d * keep  # tau * mask, as mergekit: a dropped NaN stays NaN
@@ -838,14 +837,6 @@ class TensorMerger:
             mixed = mixed * spec.lam
         acc += mixed
         return round_to(acc, self.out_dtype)
-
-
-@dataclass
-class _PendingTop:
-    """A top-``m`` set whose threshold is not known yet (``m`` may be 0 or ``numel``)."""
-
-    m: int
-    numel: int
 
 
 def merge_tensor(
