@@ -509,6 +509,56 @@ def test_same_bytes_for_any_chunking_and_rerun(method):
         assert not torch.equal(other["m"], whole["m"])
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
+def test_through_the_engine_with_small_chunks(tmp_path, method):
+    """The merger as an engine Task (``passes``, ``min_rows``, ``chunk.out``): the engine's
+    row chunks of a few hundred bytes give the bytes of one whole-tensor merge."""
+    from conftest import save_checkpoint
+
+    from stream_tv import engine
+    from stream_tv.io.writer import OutTensor
+    from stream_tv.refs import open_checkpoint
+
+    base, _, taus = models(torch.bfloat16, seed=4)
+    refs = [open_checkpoint(save_checkpoint(tmp_path / "base", base))]
+    refs += [open_checkpoint(save_checkpoint(tmp_path / f"tv{i}", t)) for i, t in enumerate(taus)]
+    spec = M.merge_spec(method, 3, **dict(CONFIGS[[m for m, _ in CONFIGS].index(method)][1]))
+    got: dict[str, list[torch.Tensor]] = {}
+    tasks = []
+    for k in base:
+        specs = [r.tensors[k] for r in refs]
+        m = M.TensorMerger(spec, k, specs[0].shape, [s.dtype for s in specs[1:]], torch.bfloat16)
+
+        def compute(chunk, m=m, k=k):
+            r = m.feed(
+                chunk.pass_index,
+                chunk.start,
+                chunk.stop,
+                chunk.inputs[1:],
+                chunk.inputs[0],
+                out=chunk.out,
+            )
+            if r is not None:
+                got.setdefault(k, []).append(r.clone().reshape(-1))
+            return r
+
+        tasks.append(
+            engine.Task(
+                k,
+                specs,
+                compute,
+                out=OutTensor(k, torch.bfloat16, specs[0].shape),
+                passes=m.passes,
+                min_rows=max(2, m.min_rows),
+            )
+        )
+    engine.run(tasks, device=torch.device("cpu"), chunk_bytes=700, progress=False)
+    want = ours(spec, base, taus)
+    for k in base:
+        assert len(got[k]) > 1 or base[k].dim() < 2 or base[k].shape[0] < 3  # really chunked
+        assert same_bytes(torch.cat(got[k]).reshape(base[k].shape), want[k]), k
+
+
 def test_different_tensors_get_different_masks():
     spec = M.merge_spec("dare_linear", 1, density=0.5, rescale=False)
     tau = torch.ones(1000)
