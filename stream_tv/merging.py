@@ -351,12 +351,18 @@ class TopSet:
 
     def mask(self, key: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the flat ``key`` chunk; chunks must come in flat index order."""
-        if self.t is None:
+        t = self.t
+        if t is None:
             return torch.full_like(key, self.m > 0, dtype=torch.bool)
-        tied = key == self.t.key
-        ordinal = torch.cumsum(tied, 0) - 1 + self._seen  # among tied elements, in index order
-        self._seen += int(tied.sum())
-        return (key > self.t.key) | (tied & (ordinal < self.t.keep))
+        tied = key == t.key
+        n_tied = int(tied.sum())
+        seen, self._seen = self._seen, self._seen + n_tied
+        if seen + n_tied <= t.keep:  # every tie here is in
+            return tied.logical_or_(key > t.key)
+        if seen >= t.keep:  # none is
+            return key > t.key
+        ordinal = torch.cumsum(tied, 0).add_(seen - 1)  # among tied elements, in index order
+        return (key > t.key).logical_or_(tied.logical_and_(ordinal < t.keep))
 
 
 def top_k_mask(x: torch.Tensor, k: int, *, rows_per_chunk: int | None = None) -> torch.Tensor:
@@ -387,19 +393,28 @@ def top_k_mask(x: torch.Tensor, k: int, *, rows_per_chunk: int | None = None) ->
 _M32 = 0xFFFF_FFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32): no product reaches 2**63."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x = x * c mod 2**32`` in place, for int64 ``x`` in [0, 2**32) and ``c < 2**32``.
+
+    # subtle: no product may reach 2**63 (signed overflow): for ``c >= 2**31`` the top bit of
+    # ``c`` contributes ``x * 2**31 mod 2**32 = (x & 1) << 31``, the rest ``x * (c - 2**31)``.
+    """
+    if c >= 1 << 31:
+        top = (x & 1).bitwise_left_shift_(31)
+        x.mul_(c - (1 << 31)).add_(top)
+    else:
+        x.mul_(c)
+    return x.bitwise_and_(_M32)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (Wellons' "lowbias32"), on int64 holding 32 bits."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (Wellons' "lowbias32") in place, on int64 holding 32
+    bits."""
+    x.bitwise_xor_(x >> 16)
+    _mul32_(x, 0x7FEB352D)
+    x.bitwise_xor_(x >> 15)
+    _mul32_(x, 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
 
 
 def stream_key(seed: int, name: str, index: int) -> tuple[int, int, int]:
@@ -419,11 +434,10 @@ def random_bits(key: tuple[int, int, int], flat_index: torch.Tensor) -> torch.Te
     >>> torch.equal(a[3:7], random_bits(k, torch.arange(3, 7)))
     True
     """
-    lo = flat_index & _M32
-    hi = flat_index >> 32
-    x = _mix32(lo ^ key[0])
-    x = _mix32(x ^ hi ^ key[1])
-    return _mix32(x ^ key[2])
+    x = _mix32_((flat_index & _M32).bitwise_xor_(key[0]))
+    x.bitwise_xor_(flat_index >> 32).bitwise_xor_(key[1])
+    _mix32_(x)
+    return _mix32_(x.bitwise_xor_(key[2]))
 
 
 def _keep_threshold(p: float) -> int:
@@ -432,8 +446,6 @@ def _keep_threshold(p: float) -> int:
 
 
 # ---- exact sums of magnitudes -----------------------------------------------------------------
-
-_EXP_BUCKETS = 2048
 
 
 class ExactAbsSum:
@@ -448,45 +460,58 @@ class ExactAbsSum:
     """
 
     def __init__(self) -> None:
-        self._hi: torch.Tensor | None = None
-        self._lo: torch.Tensor | None = None
+        self._wide: bool | None = None  # float64 values (else float32 and narrower)
+        self._acc: list[torch.Tensor] = []
         self._nan = 0
         self._inf = 0
 
     def add(self, x: torch.Tensor) -> None:
-        bits = x.reshape(-1).to(torch.float64).abs().view(torch.int64)
-        if self._hi is None:
-            self._hi = torch.zeros(_EXP_BUCKETS, dtype=torch.int64, device=bits.device)
-            self._lo = torch.zeros_like(self._hi)
-        e = bits >> 52
-        mant = bits & ((1 << 52) - 1)
-        nonfinite = e == _EXP_BUCKETS - 1
+        wide = x.dtype == torch.float64
+        if self._wide is None:
+            self._wide = wide
+        elif wide and not self._wide:
+            raise RuntimeError("ExactAbsSum: float64 values after narrower ones")
+        if self._wide:  # 11 exponent bits, 52 mantissa bits
+            bits, ebits, mbits = x.reshape(-1).to(torch.float64).view(torch.int64), 11, 52
+            bits = bits & 0x7FFF_FFFF_FFFF_FFFF
+        else:  # float32 holds bf16/fp16 exactly: 8 exponent bits, 23 mantissa bits
+            bits = x.reshape(-1).to(torch.float32).view(torch.int32).to(torch.int64)
+            bits, ebits, mbits = bits & 0x7FFF_FFFF, 8, 23
+        if not self._acc:
+            parts = 2 if self._wide else 1
+            self._acc = [
+                torch.zeros(1 << ebits, dtype=torch.int64, device=bits.device) for _ in range(parts)
+            ]
+        e = bits >> mbits
+        mant = bits & ((1 << mbits) - 1)
+        nonfinite = e == (1 << ebits) - 1
         if bool(nonfinite.any()):
             nan = nonfinite & (mant != 0)
             self._nan += int(nan.sum())
             self._inf += int((nonfinite & ~nan).sum())
         normal = e > 0
-        mant = torch.where(normal, mant | (1 << 52), mant)
+        mant = torch.where(normal, mant | (1 << mbits), mant)
         e = torch.where(normal, e, 1)  # subnormals: exponent 1 without the implicit bit
-        self._hi.index_add_(0, e, mant >> 26)  # each term < 2**27: 2**36 terms fit
-        assert self._lo is not None
-        self._lo.index_add_(0, e, mant & ((1 << 26) - 1))
+        if self._wide:  # 53-bit mantissas in two parts < 2**27: 2**36 terms fit in int64
+            self._acc[0].index_add_(0, e, mant >> 26)
+            self._acc[1].index_add_(0, e, mant & ((1 << 26) - 1))
+        else:  # 24-bit mantissas: 2**39 terms fit
+            self._acc[0].index_add_(0, e, mant)
 
     def value(self) -> float:
         if self._nan:
             return math.nan
         if self._inf:
             return math.inf
-        if self._hi is None:
+        if not self._acc:
             return 0.0
-        assert self._lo is not None
-        hi, lo = self._hi.tolist(), self._lo.tolist()
-        total = 0
-        for e in range(1, _EXP_BUCKETS - 1):
-            if hi[e] or lo[e]:
-                total += ((hi[e] << 26) + lo[e]) << (e - 1)  # value = mant * 2**(e - 1075)
+        sums = [a.tolist() for a in self._acc]
+        per_exp = [(h << 26) + lo for h, lo in zip(*sums, strict=True)] if self._wide else sums[0]
+        # value = mant * 2**(e - bias - mbits), with e >= 1 (subnormals counted at e = 1)
+        total = sum(m << (e - 1) for e, m in enumerate(per_exp) if m and e < len(per_exp) - 1)
+        scale = 1074 if self._wide else 149
         try:
-            return total / (1 << 1074)  # int / int is correctly rounded in Python
+            return total / (1 << scale)  # int / int is correctly rounded in Python
         except OverflowError:
             return math.inf
 
