@@ -433,6 +433,7 @@ def test_passes_per_method_and_dtype():
 CONFIGS = [
     ("task_arithmetic", {"weights": [1.0, 0.5, -0.7]}),
     ("task_arithmetic", {"weights": [0.3, 0.3, 0.4], "normalize": True, "lam": 0.8}),
+    ("task_arithmetic", {"weights": [0.5, -0.5, 0.0], "normalize": True}),  # weight sum 0 -> 1
     ("ties", {"weights": [1.0, 0.5, 0.7], "density": [0.5, 0.3, 0.9]}),
     (
         "ties",
@@ -557,6 +558,17 @@ def test_through_the_engine_with_small_chunks(tmp_path, method):
     for k in base:
         assert len(got[k]) > 1 or base[k].dim() < 2 or base[k].shape[0] < 3  # really chunked
         assert same_bytes(torch.cat(got[k]).reshape(base[k].shape), want[k]), k
+
+
+def test_dare_keeps_an_element_iff_its_bits_are_below_density_times_2_32():
+    n = 1000
+    bits = M.random_bits(M.stream_key(0, "w", 0), torch.arange(n))
+    density = int(bits[0]) / 2**32  # exact: element 0 sits on the boundary, and is dropped
+    spec = M.merge_spec("dare_linear", 1, density=density, rescale=False)
+    got = M.merge_tensor(
+        spec, "w", torch.zeros(n, dtype=torch.float64), [torch.ones(n, dtype=torch.float64)]
+    )
+    assert torch.equal(got, (bits < bits[0]).double())
 
 
 def test_different_tensors_get_different_masks():
