@@ -713,7 +713,11 @@ def test_deterministic_methods_against_mergekit(tmp_path):
             w = _mk_params(kwargs)["weight"]
             terms = sum(abs(wi) * t[k].double().abs() for wi, t in zip(w, taus, strict=True))
             if kwargs.get("normalize", M.METHODS[method].normalize):
-                terms = terms / min(1.0, min(abs(x) for x in w))
+                if M.METHODS[method].consensus:  # divides by a sum of agreeing weights
+                    smallest = min(abs(x) for x in w if x != 0)
+                else:  # divides by the weight sum (1 when it is about 0)
+                    smallest = abs(sum(w)) if abs(sum(w)) >= 1e-8 else 1.0
+                terms = terms / min(1.0, smallest)
             terms = terms * max(1.0, abs(kwargs.get("lam", 1.0)))
             scale = torch.maximum(
                 torch.maximum(base[k].double().abs(), mine[k].double().abs()), terms
