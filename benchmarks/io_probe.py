@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import mmap
 import os
 import platform
 import resource
@@ -31,8 +32,11 @@ import time
 import zlib
 from collections.abc import Callable
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sizes import parse_size  # noqa: E402
+import floor  # noqa: E402  (benchmarks/floor.py: page-cache residency)
+
+from stream_tv.io.writer import parse_size  # noqa: E402
 
 BUF = 64 * 1024 * 1024  # the reused source buffer
 
@@ -206,6 +210,142 @@ def cat_null(path: str) -> None:
     subprocess.run(f"cat {path!s} > /dev/null", shell=True, check=True)
 
 
+# --------------------------------------------------------------------------- cold reads
+# What the engine's reader could do when the inputs are not in the page cache: each case
+# reads a whole file (or two, alternating, as extract reads base and finetuned) in chunks
+# into one reused, page-aligned buffer, the way the reader fills its slots.
+
+
+def _pread_full(fd: int, mv: memoryview, off: int) -> int:
+    """Fill ``mv`` from ``off`` (fewer bytes only at EOF); return the bytes read."""
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], off + done)
+        if n <= 0:
+            break
+        done += n
+        if n % 4096:  # a short, unaligned read is EOF (also under O_DIRECT)
+            break
+    return done
+
+
+def _split(n: int, parts: int, align: int = 4096) -> list[tuple[int, int]]:
+    """``n`` bytes as ``parts`` (offset, length) pieces on ``align`` boundaries."""
+    step = max(align, -(-n // parts // align) * align)
+    return [(o, min(step, n - o)) for o in range(0, n, step)]
+
+
+def chunked_read(paths: list[str], chunk: int, threads: int = 1, direct: bool = False,
+                 willneed: int = 0, sequential: bool = False) -> int:
+    """Read ``paths`` chunk by chunk, alternating between them (one chunk of each in turn).
+
+    threads > 1: each chunk is split into that many aligned pieces read at once by a pool
+    (positional reads on disjoint ranges; preadv releases the GIL). direct: O_DIRECT into the
+    aligned buffer (no page cache). willneed: posix_fadvise(WILLNEED) on the next
+    ``willneed`` chunks of the same file before reading this one (the kernel reads ahead
+    while the caller works). sequential: posix_fadvise(SEQUENTIAL) at open (larger
+    readahead)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buf = mmap.mmap(-1, chunk)
+    mv = memoryview(buf)
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fds = [os.open(p, flags) for p in paths]
+    sizes = [os.fstat(fd).st_size for fd in fds]
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    total = 0
+    try:
+        if sequential:
+            for fd in fds:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        offs = [0] * len(fds)
+        while any(o < s for o, s in zip(offs, sizes, strict=True)):
+            for i, fd in enumerate(fds):
+                off = offs[i]
+                if off >= sizes[i]:
+                    continue
+                n = min(chunk, sizes[i] - off)
+                if willneed:
+                    os.posix_fadvise(fd, off + chunk, willneed * chunk, os.POSIX_FADV_WILLNEED)
+                want = -(-n // 4096) * 4096 if direct else n
+                if pool is None:
+                    got = _pread_full(fd, mv[:want], off)
+                else:
+                    futs = [pool.submit(_pread_full, fd, mv[o : o + ln], off + o)
+                            for o, ln in _split(want, threads)]
+                    got = sum(f.result() for f in futs)
+                total += min(got, n)
+                offs[i] = off + n
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        for fd in fds:
+            os.close(fd)
+        mv.release()
+        buf.close()
+    return total
+
+
+def dd_direct(paths: list[str], bs: str = "8M") -> None:
+    for p in paths:
+        subprocess.run(["dd", f"if={p}", "of=/dev/null", f"bs={bs}", "iflag=direct",
+                        "status=none"], check=True)
+
+
+def evict_files(paths: list[str], how: str) -> None:
+    """Drop ``paths`` from the page cache: their pages only (fadvise) or everything (drop)."""
+    os.sync()
+    if how == "drop":
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cold_read_cases(one: list[str], two: list[str]) -> list[tuple[str, Callable[[], None]]]:
+    """(name, fn) of every cold-read strategy; ``one``: [a file], ``two``: two half files."""
+    cases: list[tuple[str, Callable[[], None]]] = [
+        ("floor: dd iflag=direct bs=8M", lambda: dd_direct(one)),
+        ("floor: dd iflag=direct bs=64M", lambda: dd_direct(one, "64M")),
+        ("floor: cat > /dev/null (buffered, kernel readahead)", lambda: cat_null(one[0])),
+    ]
+    for chunk in (16 * M, 64 * M):
+        c = human(chunk)
+        cases += [
+            (f"buffered preadv {c} chunks (the reader now)", lambda ch=chunk: chunked_read(one, ch)),
+            (f"buffered preadv {c}, 2 files alternating (extract's pattern)",
+             lambda ch=chunk: chunked_read(two, ch)),
+        ]
+        for t in (2, 4, 8):
+            cases.append((f"parallel pread {c} chunks, {t} threads on disjoint ranges",
+                          lambda ch=chunk, t=t: chunked_read(one, ch, threads=t)))
+        cases += [
+            (f"O_DIRECT preadv {c} into an aligned reused buffer",
+             lambda ch=chunk: chunked_read(one, ch, direct=True)),
+            (f"O_DIRECT {c}, 4 threads on disjoint ranges",
+             lambda ch=chunk: chunked_read(one, ch, threads=4, direct=True)),
+            (f"O_DIRECT {c}, 8 threads on disjoint ranges",
+             lambda ch=chunk: chunked_read(one, ch, threads=8, direct=True)),
+            (f"O_DIRECT {c}, 2 files alternating, 4 threads",
+             lambda ch=chunk: chunked_read(two, ch, threads=4, direct=True)),
+            (f"buffered {c} + fadvise WILLNEED 1 chunk ahead",
+             lambda ch=chunk: chunked_read(one, ch, willneed=1)),
+            (f"buffered {c} + fadvise WILLNEED 2 chunks ahead",
+             lambda ch=chunk: chunked_read(one, ch, willneed=2)),
+            (f"buffered {c} + fadvise WILLNEED 2 ahead, 2 files alternating",
+             lambda ch=chunk: chunked_read(two, ch, willneed=2)),
+            (f"buffered {c} + fadvise SEQUENTIAL", lambda ch=chunk: chunked_read(one, ch,
+                                                                                 sequential=True)),
+            (f"buffered {c} + WILLNEED 2 ahead, 4 threads",
+             lambda ch=chunk: chunked_read(one, ch, threads=4, willneed=2)),
+        ]
+    return cases
+
+
 # --------------------------------------------------------------------------- checksums
 
 
@@ -287,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sustained", type=int, default=5,
                     help="also write N x size in one go without sync (dirty-page throttling); 0: skip")
     ap.add_argument("--only", default="", help="comma list of substrings: run only matching cases")
+    ap.add_argument("--suite", default="write,read,hash,alloc",
+                    help="comma list of write,read,hash,alloc,cold-read (cold-read: reads of "
+                         "files evicted from the page cache before each run)")
+    ap.add_argument("--evict", default="fadvise", choices=["fadvise", "drop"],
+                    help="cold-read: evict the test files (posix_fadvise DONTNEED) or drop the "
+                         "whole page cache (echo 3 > /proc/sys/vm/drop_caches, root)")
     ap.add_argument("--json", default="", help="write all runs here")
     args = ap.parse_args(argv)
 
@@ -417,16 +563,41 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
 
+    suites = {x.strip() for x in args.suite.split(",") if x.strip()}
+    cases = [c for c in cases if c[0].split(" ")[0] in suites]
+    one = [src]
+    two = [os.path.join(work, "half-a.bin"), os.path.join(work, "half-b.bin")]
+    if "cold-read" in suites:
+        def cold(paths: list[str]) -> Callable[[], None]:
+            def before() -> None:
+                evict_files(paths, args.evict)
+                left = floor.resident_fraction(paths)
+                if left > 0.01:
+                    print(f"# warning: {left:.0%} of {paths} still cached after eviction",
+                          file=sys.stderr)
+            return before
+
+        for name, fn in cold_read_cases(one, two):
+            cases.append(("cold read", name, fn, cold(two if "2 files" in name else one)))
+    if "read" in suites:  # warm reads: re-warm, the cold reads may have evicted the file
+        cases = [(k, n, f, (lambda: floor.read_files(one)) if k == "read" else b)
+                 for k, n, f, b in cases]
+
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if only:
         cases = [c for c in cases if any(s in c[1] for s in only)]
 
     # the source file for cat / reads, written once and warmed
-    if any(c[0] == "read" or "1 file >" in c[1] for c in cases):
+    if any(c[0] in ("read", "cold read") or "1 file >" in c[1] for c in cases):
         if not os.path.exists(src) or os.path.getsize(src) != total:
             pwrite_pieces(src, mv, total, 256 * K)
         os.sync()
         cat_null(src)
+    if any(c[0] == "cold read" for c in cases):
+        for h in two:
+            if not os.path.exists(h) or os.path.getsize(h) != total // 2:
+                pwrite_pieces(h, mv, total // 2, 256 * K)
+        os.sync()
 
     # Interleaved: round r runs every case once, so slow spells of the host (which come and
     # go over tens of seconds) hit every strategy alike instead of one case's repeats.
@@ -450,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['min_wall'] / g:.3f} | {r['user'] / g:.3f} | {r['sys'] / g:.3f} | {rs} |",
               flush=True)
 
-    for p in (dst, src):
+    for p in (dst, src, *two):
         if os.path.exists(p):
             os.unlink(p)
     try:

@@ -34,11 +34,10 @@ import zlib
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sizes import parse_size  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from stream_tv.io.writer import parse_size, shard_name  # noqa: E402
 from stream_tv.io.writer import plan_shards as plan_shard_names  # noqa: E402
-from stream_tv.io.writer import shard_name  # noqa: E402
+from stream_tv.synthetic import llama_config as stream_tv_llama_config  # noqa: E402
 from stream_tv.synthetic import llama_shapes  # noqa: E402
 
 DTYPES = {
@@ -95,32 +94,12 @@ def choose_shape(size: int, itemsize: int, hidden: int | None, layers: int | Non
 
 
 def llama_config(shape: dict, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "head_dim": shape["head_dim"],
-        "hidden_act": "silu",
-        "hidden_size": shape["hidden_size"],
-        "initializer_range": WEIGHT_STD,
-        "intermediate_size": shape["intermediate_size"],
-        "max_position_embeddings": 2048,
-        "mlp_bias": False,
-        "model_type": "llama",
-        "num_attention_heads": shape["num_attention_heads"],
-        "num_hidden_layers": shape["num_hidden_layers"],
-        "num_key_value_heads": shape["num_key_value_heads"],
-        "pretraining_tp": 1,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": None,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": DTYPE_NAMES[dtype],
-        "use_cache": True,
-        "vocab_size": shape["vocab_size"],
-    }
+    """stream_tv.synthetic's LlamaConfig dict for ``shape`` (what transformers loads)."""
+    return stream_tv_llama_config(
+        hidden=shape["hidden_size"], intermediate=shape["intermediate_size"],
+        layers=shape["num_hidden_layers"], heads=shape["num_attention_heads"],
+        kv_heads=shape["num_key_value_heads"], vocab=shape["vocab_size"], dtype=dtype,
+    )
 
 
 def adapter_config(rank: int, alpha: float, base_path: str) -> dict:
