@@ -18,13 +18,15 @@
 #   run-8GB    the same at 8 GB, default output dtypes, floors only for peers; CUDA outputs
 #              checked against the references (the CPU path's bits, shown equal at 1 GB),
 #              compare against its own stream-tv (cpu) row
+#   io-probe   if 60 s are left: benchmarks/io_probe.py cold-read cases at 1 GB (buffered,
+#              parallel positional, O_DIRECT, WILLNEED reads against dd iflag=direct)
 #   summary    RESULTS-gpu.md in $OUT (or ./gpu-check-out): machine, steps, both tables
 #
 # Time: the machine is lent for 15 minutes in all, its start included; this script keeps to
 # GPU_CHECK_BUDGET seconds (default 470, under 8 minutes), and every step is cut to what is
 # left of it (run.py stops starting measurements at its own deadline and still writes its
 # table). Budgets per step: env 30, selftest 40, pytest 90, run-1GB 150, run-8GB the rest
-# less 15 for the summary. Disk: the 8 GB step needs ~48 GB free where it works
+# less 65 (io-probe 45 when 60 are left, then 15 for the summary). Disk: the 8 GB step needs ~48 GB free where it works
 # (GPU_CHECK_WORK, default: the largest of /tmp, /var/tmp, $HOME, the repository's parent);
 # run.py skips a size, loudly, when the space is not there. The work folder is deleted at
 # the end (GPU_CHECK_KEEP=1 keeps it).
@@ -57,6 +59,8 @@ pick_work() {
     local best="" best_free=0 d free
     for d in ${GPU_CHECK_WORK:-} /tmp /var/tmp "${HOME:-/root}" "$(dirname "$REPO")"; do
         [[ -d "$d" && -w "$d" ]] || continue
+        # a disk, not memory: tmpfs would time RAM as if it were the disk
+        [[ "$(df -PT "$d" 2>/dev/null | awk 'NR==2 {print $2}')" == tmpfs ]] && continue
         free=$(df -Pk "$d" 2>/dev/null | awk 'NR==2 {print $4}')
         [[ -n "${GPU_CHECK_WORK:-}" && "$d" == "$GPU_CHECK_WORK" ]] && { best=$d; break; }
         if [[ -n "$free" ]] && ((free > best_free)); then best=$d; best_free=$free; fi
@@ -133,36 +137,61 @@ EOF
 }
 
 RUN_COMMON=(--work "$WORK" --ops extract,apply,merge,compare,lora-delta --cache warm
-            --settle 0.5 --repeat 1 --startup-repeat 3 --clean --run-timeout 240)
+            --settle 0.5 --repeat 1 --startup-repeat 2 --clean --run-timeout 240)
 RUN1=("$PY" benchmarks/run.py --sizes "$SIZE1" "${DEVICE_ARGS[@]}" "${RUN_COMMON[@]}"
-      --out-dtypes default,bf16 --tools floor,safetensors,peft,stream-tv
+      --out-dtypes default,bf16 --tools floor,safetensors,peft,stream-tv --margin 8
       --out "$OUT/RESULTS-gpu-$SIZE1.md" --json "$OUT/results-gpu-$SIZE1.json")
 RUN8=("$PY" benchmarks/run.py --sizes "$SIZE8" "${DEVICE_ARGS[@]}" "${RUN_COMMON[@]}"
-      --out-dtypes default --tools floor,stream-tv --cpu-check-sizes none
-      --no-compare-reference --no-startup --h2d no
+      --out-dtypes default --tools floor,stream-tv --floors rw --cpu-check-sizes none
+      --no-compare-reference --no-startup --h2d no --margin 20
       --out "$OUT/RESULTS-gpu-$SIZE8.md" --json "$OUT/results-gpu-$SIZE8.json")
 mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/*.py)
+NOT_COLLECTED=()
+if ! "$PY" -c "import hypothesis" 2>/dev/null; then
+    # a test module that imports hypothesis cannot even be collected without it
+    mapfile -t NOT_COLLECTED < <(grep -l -E "^(from|import) hypothesis" "${CUDA_TESTS[@]}")
+    mapfile -t CUDA_TESTS < <(grep -L -E "^(from|import) hypothesis" "${CUDA_TESTS[@]}")
+fi
 PYTEST=("$PY" -m pytest -m cuda -q -p no:cacheprovider -rs "${CUDA_TESTS[@]}")
 
 if ((DRY)); then
     echo "=== dry run: no GPU needed; sizes $SIZE1 and $SIZE8, cuda rows on cpu"
     bash -n "${BASH_SOURCE[0]}" && echo "script syntax: ok" || FAILED=1
     "$PY" -m py_compile benchmarks/*.py && echo "benchmarks/*.py compile: ok" || FAILED=1
-    echo "on the GPU machine this script runs:"
-    printf '  %s\n' "${PYTEST[*]}" \
-        "${RUN1[*]/$SIZE1/1GB} --budget-s <left>" "${RUN8[*]/$SIZE8/8GB} --budget-s <left>"
-    echo "  (--device cuda, without --cuda-as)"
+    echo "on the GPU machine this script runs (sizes 1GB and 8GB, no --cuda-as):"
+    printf '  %s\n' "${PYTEST[*]}" "${RUN1[*]} --budget-s <left>" "${RUN8[*]} --budget-s <left>" |
+        sed -e "s/--cuda-as cpu //" -e "s/$SIZE1/1GB/g" -e "s/$SIZE8/8GB/g"
 fi
 
 step env 30 env_report
 step selftest 40 "$PY" benchmarks/peers.py selftest "$WORK/selftest"
-step pytest 90 "${PYTEST[@]}"
+for f in "${NOT_COLLECTED[@]}"; do
+    echo "!!! $f has cuda tests but imports hypothesis, which is not installed: not run"
+    STEPS+=("pytest:$f|0|0|-|NOT RUN: imports hypothesis (not installed)")
+    FAILED=1
+done
+if ((${#CUDA_TESTS[@]})); then
+    step pytest 90 "${PYTEST[@]}"
+else
+    echo "!!! no test file carries the cuda mark: pytest not run"
+    STEPS+=("pytest|90|0|-|NOT RUN: no cuda tests found")
+    FAILED=1
+fi
 b1=$(($(left) - 15 - 200))   # keep ~200 s for the 8 GB step
 ((b1 > 150)) && b1=150
 ((DRY)) && b1=$(($(left) / 2))
 step "run-$SIZE1" "$b1" "${RUN1[@]}" --budget-s $((b1 - 10))
-b8=$(($(left) - 15))
+b8=$(($(left) - 15 - 50))   # keep ~50 s for the cold-read probe
 step "run-$SIZE8" "$b8" "${RUN8[@]}" --budget-s $((b8 - 10))
+# what the engine's reader could adopt, on this machine's disk (IO_PROBE.md): if time is left
+PROBE=("$PY" benchmarks/io_probe.py --suite cold-read --size "$SIZE1" --dir "$WORK" --repeat 1
+       --only "iflag=direct bs=8M,cat >,preadv 16M chunks,pread 16M chunks,O_DIRECT preadv 16M,O_DIRECT 16M,16M + fadvise WILLNEED 2 chunks"
+       --json "$OUT/io-probe-cold.json")
+if (($(left) > 60)); then
+    step io-probe 45 "${PROBE[@]}"
+else
+    STEPS+=("io-probe|45|0|-|not run: no time left (optional)")
+fi
 
 # ---------------------------------------------------------------------------- summary
 {
@@ -190,6 +219,12 @@ step "run-$SIZE8" "$b8" "${RUN8[@]}" --budget-s $((b8 - 10))
     echo '```'
     tail -n 15 "$OUT/pytest.log" 2>/dev/null
     echo '```'
+    if [[ -f "$OUT/io-probe.log" ]]; then
+        echo
+        echo "## Cold reads (benchmarks/io_probe.py --suite cold-read)"
+        echo
+        grep -E "^(\||# )" "$OUT/io-probe.log"
+    fi
     for f in "$OUT/RESULTS-gpu-$SIZE1.md" "$OUT/RESULTS-gpu-$SIZE8.md"; do
         echo
         if [[ -f "$f" ]]; then

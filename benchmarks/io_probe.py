@@ -454,8 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
           f"python {info['python']}, kernel {info['kernel']}")
     print("# " + dev.replace("\n", "\n# "))
-    print(f"# hot: new file written right after deleting the previous one (its freed pages are "
-          f"reused); cold: delete, sync, idle {args.idle:g} s first")
+    if "write" in args.suite:
+        print(f"# hot: new file written right after deleting the previous one (its freed pages "
+              f"are reused); cold: delete, sync, idle {args.idle:g} s first")
+    if "cold-read" in args.suite:
+        print(f"# cold read: the file(s) evicted from the page cache before each run ({args.evict}"
+              "), checked with mincore; one reused page-aligned buffer per case")
 
     def fresh_hot() -> None:  # new file each run: delete, flush, go at once
         if os.path.exists(dst):
