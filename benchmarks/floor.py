@@ -36,7 +36,9 @@ DROP_CACHES = "/proc/sys/vm/drop_caches"
 # --------------------------------------------------------------------------- the I/O floor
 
 
-def read_files(paths: list[str], direct: bool = False, piece: int = READ_PIECE) -> tuple[int, mmap.mmap]:
+def read_files(
+    paths: list[str], direct: bool = False, piece: int = READ_PIECE
+) -> tuple[int, mmap.mmap]:
     """Read every file once into one reused buffer; return (bytes read, the buffer)."""
     buf = mmap.mmap(-1, piece)  # page-aligned: O_DIRECT accepts it
     mv = memoryview(buf)
@@ -78,16 +80,23 @@ def write_bytes(path: str, nbytes: int, src: mmap.mmap, piece: int = WRITE_PIECE
         mv.release()
 
 
-def io_floor(reads: list[str], write: str = "", write_bytes_n: int = 0,
-             direct: bool = False) -> dict:
+def io_floor(
+    reads: list[str], write: str = "", write_bytes_n: int = 0, direct: bool = False
+) -> dict:
     t0 = time.perf_counter()
     nread, buf = read_files(reads, direct=direct)
     t1 = time.perf_counter()
     if write:
         write_bytes(write, write_bytes_n, buf)
     t2 = time.perf_counter()
-    return {"read_s": t1 - t0, "write_s": t2 - t1, "wall_s": t2 - t0, "read_bytes": nread,
-            "write_bytes": write_bytes_n if write else 0, "direct": direct}
+    return {
+        "read_s": t1 - t0,
+        "write_s": t2 - t1,
+        "wall_s": t2 - t0,
+        "read_bytes": nread,
+        "write_bytes": write_bytes_n if write else 0,
+        "direct": direct,
+    }
 
 
 # --------------------------------------------------------------------------- page cache
@@ -137,8 +146,14 @@ def _lib() -> ctypes.CDLL:
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.mmap.restype = ctypes.c_void_p
-        _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_int, ctypes.c_long]
+        _libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
         _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     return _libc
@@ -217,8 +232,9 @@ def h2d(nbytes: int = 2**30, repeat: int = 5) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("io")
     p.add_argument("--read", nargs="+", default=[])

@@ -76,8 +76,9 @@ def save_sharded(tensors: dict, out: str, extra_from: str | None = None) -> None
     total = 0
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k] for k in names}, os.path.join(out, fname),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: tensors[k] for k in names}, os.path.join(out, fname), metadata={"format": "pt"}
+        )
         for k in names:
             weight_map[k] = fname
             total += tensors[k].numel() * tensors[k].element_size()
@@ -110,7 +111,7 @@ def lora_modules(adapter_dir: str) -> tuple[dict, dict]:
         short = mod.rsplit(".", 1)[-1]
         rank = cfg.get("rank_pattern", {}).get(short, r)
         a_ = cfg.get("alpha_pattern", {}).get(short, alpha)
-        scaling = a_ / rank ** 0.5 if cfg.get("use_rslora") else a_ / rank
+        scaling = a_ / rank**0.5 if cfg.get("use_rslora") else a_ / rank
         mods[name] = (a, b, scaling)
     return mods, cfg
 
@@ -143,8 +144,10 @@ def st_extract(base: str, ft: str, out: str, dtype: str = "") -> None:
 def st_apply(base: str, tv_ref: str, out: str, dtype: str = "") -> None:
     dt = torch_dtype(dtype)
     b, tv = load_all(base), load_all(tv_ref)
-    res = {k: (b[k].float() + tv[k]).to(dt or b[k].dtype) if k in tv else b[k].to(dt or b[k].dtype)
-           for k in b}
+    res = {
+        k: (b[k].float() + tv[k]).to(dt or b[k].dtype) if k in tv else b[k].to(dt or b[k].dtype)
+        for k in b
+    }
     del tv
     save_sharded(res, out, extra_from=base)
 
@@ -180,9 +183,16 @@ def compare_tensor(name: str, b, f, lora_factors) -> dict:
         ln, tn = float(lora.norm()), float(tv.norm())
         cos = float((lora.flatten() @ tv.flatten()) / (ln * tn)) if ln and tn else None
         d = (lora - tv).abs()
-        return {"name": name, "kind": "lora", "cosine": cos, "max_abs_diff": float(d.max()),
-                "mean_abs_diff": float(d.mean()), "tv_norm": tn, "lora_norm": ln,
-                "relative_error": float((lora - tv).norm()) / tn if tn else None}
+        return {
+            "name": name,
+            "kind": "lora",
+            "cosine": cos,
+            "max_abs_diff": float(d.max()),
+            "mean_abs_diff": float(d.mean()),
+            "tv_norm": tn,
+            "lora_norm": ln,
+            "relative_error": float((lora - tv).norm()) / tn if tn else None,
+        }
     same = torch.equal(b, f)
     row = {"name": name, "kind": "unchanged" if same else "changed"}
     if not same:
@@ -277,8 +287,9 @@ def peft_merge(base: str, adapter: str, out: str) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, low_cpu_mem_usage=True)
     except TypeError:  # transformers < 4.56 spells it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=dtype,
-                                                     low_cpu_mem_usage=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, torch_dtype=dtype, low_cpu_mem_usage=True
+        )
     model = PeftModel.from_pretrained(model, adapter)
     model = model.merge_and_unload()
     model.save_pretrained(out, max_shard_size="5GB")
@@ -317,8 +328,18 @@ def mergekit_apply(base: str, ft: str, out: str, dtype: str = "") -> None:
     with open(path, "w") as f:
         f.write(cfg)
     try:
-        subprocess.run([mergekit_exe(), path, out, "--lazy-unpickle", "--no-copy-tokenizer",
-                        "--no-write-model-card", "--quiet"], check=True)
+        subprocess.run(
+            [
+                mergekit_exe(),
+                path,
+                out,
+                "--lazy-unpickle",
+                "--no-copy-tokenizer",
+                "--no-write-model-card",
+                "--quiet",
+            ],
+            check=True,
+        )
     finally:
         os.unlink(path)
 
@@ -379,11 +400,21 @@ def verify(out: str, ref: str, dtype: str = "") -> dict:
                 bad_elems += int((u != 0).sum())
                 max_ulp = max(max_ulp, int(u.max()))
     ok = not (missing or extra or unequal or dtype_mismatch)
-    return _print({"ok": ok, "tensors": len(want), "missing": len(missing),
-                   "extra": len(extra), "unequal": unequal, "max_abs_diff": max_diff,
-                   "dtype_mismatch": dtype_mismatch, "elements": elems,
-                   "unequal_elements": bad_elems, "max_ulp": max_ulp,
-                   "reference_cast_to": dtype or None})
+    return _print(
+        {
+            "ok": ok,
+            "tensors": len(want),
+            "missing": len(missing),
+            "extra": len(extra),
+            "unequal": unequal,
+            "max_abs_diff": max_diff,
+            "dtype_mismatch": dtype_mismatch,
+            "elements": elems,
+            "unequal_elements": bad_elems,
+            "max_ulp": max_ulp,
+            "reference_cast_to": dtype or None,
+        }
+    )
 
 
 def verify_lora_delta(out: str, adapter: str, dtype: str = "") -> dict:
@@ -422,10 +453,21 @@ def verify_lora_delta(out: str, adapter: str, dtype: str = "") -> dict:
             bad_elems += int((u != 0).sum())
             max_ulp = max(max_ulp, int(u.max()))
     ok = not (missing or extra or unequal or dtype_mismatch)
-    return _print({"ok": ok, "tensors": len(mods), "missing": len(missing), "extra": len(extra),
-                   "unequal": unequal, "max_abs_diff": max_diff, "dtype_mismatch": dtype_mismatch,
-                   "elements": elems, "unequal_elements": bad_elems, "max_ulp": max_ulp,
-                   "reference_cast_to": dtype or None})
+    return _print(
+        {
+            "ok": ok,
+            "tensors": len(mods),
+            "missing": len(missing),
+            "extra": len(extra),
+            "unequal": unequal,
+            "max_abs_diff": max_diff,
+            "dtype_mismatch": dtype_mismatch,
+            "elements": elems,
+            "unequal_elements": bad_elems,
+            "max_ulp": max_ulp,
+            "reference_cast_to": dtype or None,
+        }
+    )
 
 
 _FIGURES = ("cosine", "max_abs_diff", "mean_abs_diff", "tv_norm", "lora_norm", "relative_error")
@@ -472,8 +514,17 @@ def verify_compare(ours: str, ref: str, tol: str = "1e-9") -> dict:
             worst = max(worst, err)
             if err > t:
                 bad.append(f"{name}.{k}: {va!r} vs {vb!r}")
-    return _print({"ok": not bad, "tensors": len(b), "figures": compared, "max_rel_err": worst,
-                   "tolerance": t, "mismatches": len(bad), "first": bad[:3]})
+    return _print(
+        {
+            "ok": not bad,
+            "tensors": len(b),
+            "figures": compared,
+            "max_rel_err": worst,
+            "tolerance": t,
+            "mismatches": len(bad),
+            "first": bad[:3],
+        }
+    )
 
 
 def selftest(work: str) -> int:
@@ -483,8 +534,10 @@ def selftest(work: str) -> int:
 
     os.makedirs(work, exist_ok=True)
     g = torch.Generator().manual_seed(0)
-    t = {"w": torch.randn(64, 32, generator=g).bfloat16(),
-         "v": torch.randn(32, generator=g).bfloat16()}
+    t = {
+        "w": torch.randn(64, 32, generator=g).bfloat16(),
+        "v": torch.randn(32, generator=g).bfloat16(),
+    }
     save_sharded(t, os.path.join(work, "a"))
     save_sharded(dict(t), os.path.join(work, "same"))
     bumped = dict(t)
@@ -497,17 +550,29 @@ def selftest(work: str) -> int:
     results = {
         "equal copy passes": verify(os.path.join(work, "same"), os.path.join(work, "a"))["ok"],
         "one ulp fails": not verify(os.path.join(work, "ulp"), os.path.join(work, "a"))["ok"],
-        "one ulp is counted": verify(os.path.join(work, "ulp"), os.path.join(work, "a"))[
-            "max_ulp"] == 1,
-        "missing tensor fails": not verify(os.path.join(work, "missing"),
-                                           os.path.join(work, "a"))["ok"],
+        "one ulp is counted": verify(os.path.join(work, "ulp"), os.path.join(work, "a"))["max_ulp"]
+        == 1,
+        "missing tensor fails": not verify(os.path.join(work, "missing"), os.path.join(work, "a"))[
+            "ok"
+        ],
         "other dtype fails": not verify(os.path.join(work, "fp32"), os.path.join(work, "a"))["ok"],
-        "cast reference passes": verify(os.path.join(work, "a"), os.path.join(work, "fp32"),
-                                        "bf16")["ok"],
+        "cast reference passes": verify(
+            os.path.join(work, "a"), os.path.join(work, "fp32"), "bf16"
+        )["ok"],
     }
     # compare figures
-    rows = [{"name": "w", "kind": "lora", "cosine": 0.5, "max_abs_diff": 1e-3,
-             "mean_abs_diff": 1e-4, "tv_norm": 2.0, "lora_norm": 2.0, "relative_error": 0.1}]
+    rows = [
+        {
+            "name": "w",
+            "kind": "lora",
+            "cosine": 0.5,
+            "max_abs_diff": 1e-3,
+            "mean_abs_diff": 1e-4,
+            "tv_norm": 2.0,
+            "lora_norm": 2.0,
+            "relative_error": 0.1,
+        }
+    ]
     ja, jb = os.path.join(work, "a.json"), os.path.join(work, "b.json")
     with open(ja, "w") as f:
         json.dump({"tensors": rows}, f)

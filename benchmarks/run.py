@@ -83,16 +83,27 @@ LIMITED = "stream-tv @ memory limit"
 OPS = ("extract", "apply", "merge", "lora-delta", "compare")
 # Ops whose rows come from another engineer's peer script (see HOOKS below).
 HOOKS = {"ties": ("merge_methods", "issue 14"), "extract-lora": ("extract_lora", "issue 13")}
-DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
-          "fp32": "fp32", "float32": "fp32"}
+DTYPES = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+}
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 TORCH_NAME = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # the output dtype of each op when no --dtype is given (None: the base's dtype)
-DEFAULT_OUT = {"extract": "fp32", "apply": None, "merge": None, "lora-delta": "fp32",
-               "compare": None}
+DEFAULT_OUT = {
+    "extract": "fp32",
+    "apply": None,
+    "merge": None,
+    "lora-delta": "fp32",
+    "compare": None,
+}
 WARM_IMPORTS = {  # what a tool's process reads from disk before the data: re-read after a drop
     "stream-tv": "import torch, safetensors, click, tqdm, stream_tv.cli, stream_tv.api, "
-                 "stream_tv.merge, stream_tv.compare",
+    "stream_tv.merge, stream_tv.compare",
     "safetensors": "import torch, safetensors.torch",
     "peft": "import torch, transformers, peft, transformers.models.llama.modeling_llama",
 }
@@ -125,7 +136,8 @@ def files_of(ref: str) -> list[str]:
     if os.path.isfile(ref):
         return [ref]
     return sorted(
-        os.path.join(ref, f) for f in os.listdir(ref)
+        os.path.join(ref, f)
+        for f in os.listdir(ref)
         if f.endswith((".safetensors", ".json")) and f != "make_checkpoint.json"
     )
 
@@ -195,8 +207,14 @@ with open(res, "w") as f:
 """
 
 
-def run_measured(cmd: list[str] | str, shell: bool = False, log_path: str | None = None,
-                 cgroup: str = "", timeout: float = 0.0, env: dict | None = None) -> dict:
+def run_measured(
+    cmd: list[str] | str,
+    shell: bool = False,
+    log_path: str | None = None,
+    cgroup: str = "",
+    timeout: float = 0.0,
+    env: dict | None = None,
+) -> dict:
     """Run ``cmd`` in a fresh child: wall seconds, peak RSS (KiB, child and descendants), rc;
     inside the memory cgroup ``cgroup`` when given (see MemCgroup); killed after ``timeout``
     seconds when > 0."""
@@ -205,8 +223,13 @@ def run_measured(cmd: list[str] | str, shell: bool = False, log_path: str | None
     rm(res)
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
     try:
-        p = subprocess.run([PY, "-c", SPAWN, res, cgroup, str(timeout), *argv], stdout=out,
-                           stderr=out, stdin=subprocess.DEVNULL, env=env or child_env())
+        p = subprocess.run(
+            [PY, "-c", SPAWN, res, cgroup, str(timeout), *argv],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            env=env or child_env(),
+        )
     finally:
         if log_path:
             out.close()
@@ -215,8 +238,14 @@ def run_measured(cmd: list[str] | str, shell: bool = False, log_path: str | None
             r = json.load(f)
         os.unlink(res)
     except (OSError, ValueError):
-        r = {"wall": float("nan"), "rss_kb": 0, "user": 0.0, "sys": 0.0,
-             "rc": p.returncode or -1, "timeout": False}
+        r = {
+            "wall": float("nan"),
+            "rss_kb": 0,
+            "user": 0.0,
+            "sys": 0.0,
+            "rc": p.returncode or -1,
+            "timeout": False,
+        }
     return r
 
 
@@ -246,8 +275,11 @@ class MemCgroup:
         self._write("memory.failcnt", "0")
 
     def stats(self) -> dict:
-        return {"limit": self.limit, "max_usage": self._read("memory.max_usage_in_bytes"),
-                "failcnt": self._read("memory.failcnt")}
+        return {
+            "limit": self.limit,
+            "max_usage": self._read("memory.max_usage_in_bytes"),
+            "failcnt": self._read("memory.failcnt"),
+        }
 
     def close(self) -> None:
         try:
@@ -294,15 +326,24 @@ def machine(work: str) -> dict:
             versions[dist.replace("-", "_")] = None
     gpu = None
     try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        q = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         gpu = q.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         pass
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem / 2**30, 1),
-        "kernel": platform.release(), "disk": df.splitlines()[-1] if df else "", "gpu": gpu,
-        "versions": versions, "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "disk": df.splitlines()[-1] if df else "",
+        "gpu": gpu,
+        "versions": versions,
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load_avg_at_start": os.getloadavg(),
     }
 
@@ -310,9 +351,15 @@ def machine(work: str) -> dict:
 def mergekit_version(venv: str) -> str | None:
     if not venv:
         return None
-    r = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
-                        "import importlib.metadata as m; print(m.version('mergekit'))"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            os.path.join(venv, "bin", "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('mergekit'))",
+        ],
+        capture_output=True,
+        text=True,
+    )
     return r.stdout.strip() or None
 
 
@@ -349,17 +396,24 @@ class Cache:
         if method == "auto":
             method = "drop" if not self.why_not_drop else "fadvise"
         elif method == "drop" and self.why_not_drop:
-            log(f"dropping the page cache is not permitted: {self.why_not_drop}; "
-                "cold rows evict the inputs with posix_fadvise(DONTNEED) instead")
+            log(
+                f"dropping the page cache is not permitted: {self.why_not_drop}; "
+                "cold rows evict the inputs with posix_fadvise(DONTNEED) instead"
+            )
             method = "fadvise"
         self.method = method
 
     def describe(self) -> str:
         if self.method == "drop":
-            return ("cold: `sync; echo 3 > /proc/sys/vm/drop_caches` before each run (permitted "
-                    "here), then the tool's own files re-read by an untimed import")
-        why = f" (dropping the page cache is not permitted here: {self.why_not_drop})" \
-            if self.why_not_drop else ""
+            return (
+                "cold: `sync; echo 3 > /proc/sys/vm/drop_caches` before each run (permitted "
+                "here), then the tool's own files re-read by an untimed import"
+            )
+        why = (
+            f" (dropping the page cache is not permitted here: {self.why_not_drop})"
+            if self.why_not_drop
+            else ""
+        )
         return f"cold: the inputs evicted with posix_fadvise(DONTNEED) before each run{why}"
 
     def prepare(self, state: str, inputs: list[str], tool: str, env: dict) -> float:
@@ -373,9 +427,14 @@ class Cache:
                 floor.drop_caches()
                 warm = WARM_IMPORTS.get(tool.split(" ")[0])
                 if tool == "mergekit" and env.get("MERGEKIT_VENV"):
-                    subprocess.run([os.path.join(env["MERGEKIT_VENV"], "bin", "python"), "-c",
-                                    "import torch, transformers, mergekit.merge"],
-                                   capture_output=True)
+                    subprocess.run(
+                        [
+                            os.path.join(env["MERGEKIT_VENV"], "bin", "python"),
+                            "-c",
+                            "import torch, transformers, mergekit.merge",
+                        ],
+                        capture_output=True,
+                    )
                 elif warm:
                     subprocess.run([PY, "-c", warm], env=env, capture_output=True)
             floor.evict(inputs)  # also after a drop: nothing the import touched stays
@@ -389,26 +448,42 @@ def ckpt_key(size: str, dtype: str, args: argparse.Namespace) -> str:
     return f"ckpt-{size}-{dtype}-r{args.rank}-seed{args.seed}-shard{args.shard_size}"
 
 
-def ensure_checkpoint(work: str, size: str, dtype: str, args: argparse.Namespace,
-                      budget: Budget) -> tuple[str, dict]:
+def ensure_checkpoint(
+    work: str, size: str, dtype: str, args: argparse.Namespace, budget: Budget
+) -> tuple[str, dict]:
     key = ckpt_key(size, dtype, args)
     d = os.path.join(work, key)
     meta = os.path.join(d, "make_checkpoint.json")
-    if os.path.exists(meta) and all(os.path.isdir(os.path.join(d, k))
-                                    for k in ("base", "finetuned", "adapter")):
+    if os.path.exists(meta) and all(
+        os.path.isdir(os.path.join(d, k)) for k in ("base", "finetuned", "adapter")
+    ):
         with open(meta) as f:
             info = json.load(f)
         log(f"reusing {d}")
         return d, info
     rm(d)
-    cmd = [PY, os.path.join(HERE, "make_checkpoint.py"), "--size", size, "--dtype", dtype,
-           "--shard-size", args.shard_size, "--rank", str(args.rank), "--seed", str(args.seed),
-           "--out", d]
+    cmd = [
+        PY,
+        os.path.join(HERE, "make_checkpoint.py"),
+        "--size",
+        size,
+        "--dtype",
+        dtype,
+        "--shard-size",
+        args.shard_size,
+        "--rank",
+        str(args.rank),
+        "--seed",
+        str(args.seed),
+        "--out",
+        d,
+    ]
     log("making " + " ".join(cmd[1:]))
     r = run_measured(cmd, log_path=os.path.join(work, key + ".log"), timeout=budget.timeout())
     if r["rc"] != 0:
-        raise RuntimeError(f"make_checkpoint failed (rc {r['rc']}):\n"
-                           f"{tail(os.path.join(work, key + '.log'))}")
+        raise RuntimeError(
+            f"make_checkpoint failed (rc {r['rc']}):\n{tail(os.path.join(work, key + '.log'))}"
+        )
     with open(meta) as f:
         info = json.load(f)
     info["make_wall"] = r["wall"]
@@ -430,8 +505,16 @@ def ensure_reference(ckpt: str, what: str, budget: Budget) -> str:
     else:
         dst = os.path.join(ckpt, "compare-ref.json")
         done = os.path.exists(dst)
-        cmd = [PY, os.path.join(HERE, "peers.py"), "reference", "compare", base, ft, ad,
-               dst + ".tmp"]
+        cmd = [
+            PY,
+            os.path.join(HERE, "peers.py"),
+            "reference",
+            "compare",
+            base,
+            ft,
+            ad,
+            dst + ".tmp",
+        ]
     if done:
         return dst
     log(f"making the reference {dst}")
@@ -474,18 +557,23 @@ def stream_tv_available(args: argparse.Namespace, ops: list[str]) -> dict[str, t
         last = (r.stderr.strip().splitlines() or ["?"])[-1]
         return {op: (False, f"`stream-tv --help` fails: {last[:100]}") for op in ops}
     text = r.stdout.split("Commands:", 1)[-1]
-    commands = {line.split()[0] for line in text.splitlines() if line.startswith("  ")
-                and line.split()}
+    commands = {
+        line.split()[0] for line in text.splitlines() if line.startswith("  ") and line.split()
+    }
     res = {}
     for op in ops:
         sub = "apply" if op == "ties" else op
         if sub not in commands:
             res[op] = (False, f"`stream-tv {sub}` is not a command here")
         elif op == "ties":
-            h = subprocess.run([*base, "apply", "--help"], capture_output=True, text=True,
-                               env=child_env())
-            res[op] = ((True, shlex.join(base)) if "--method" in h.stdout else
-                       (False, "`stream-tv apply` has no --method yet (issue 14)"))
+            h = subprocess.run(
+                [*base, "apply", "--help"], capture_output=True, text=True, env=child_env()
+            )
+            res[op] = (
+                (True, shlex.join(base))
+                if "--method" in h.stdout
+                else (False, "`stream-tv apply` has no --method yet (issue 14)")
+            )
         else:
             res[op] = (True, shlex.join(base))
     return res
@@ -497,31 +585,54 @@ FLOORS = {"dd": "floor: dd", "rw": "floor: read+write", "direct": "floor: O_DIRE
 def floor_tools(in_files: list[str], out: str, out_bytes: int, cache: str) -> dict:
     q = shlex.quote
     reads = "; ".join(f"dd if={q(p)} of=/dev/null bs=8M status=none" for p in in_files)
-    write = (f"; dd if=/dev/zero of={q(out)} bs=256K count={out_bytes} iflag=count_bytes "
-             "status=none" if out_bytes else "")
+    write = (
+        f"; dd if=/dev/zero of={q(out)} bs=256K count={out_bytes} iflag=count_bytes status=none"
+        if out_bytes
+        else ""
+    )
     fl = [PY, os.path.join(HERE, "floor.py"), "io", "--read", *in_files]
     if out_bytes:
         fl += ["--write", out, "--write-bytes", str(out_bytes)]
-    tools = {"floor: dd": {"cmd": reads + write, "shell": True},
-             "floor: read+write": {"cmd": fl, "floor_json": True}}
+    tools = {
+        "floor: dd": {"cmd": reads + write, "shell": True},
+        "floor: read+write": {"cmd": fl, "floor_json": True},
+    }
     if cache == "cold":
         tools["floor: O_DIRECT read+write"] = {"cmd": [*fl, "--direct"], "floor_json": True}
     return tools
 
 
-def op_plan(op: str, ck: str, tv: str, out: str, model_dtype: str, out_dtype: str | None,
-            device: str, args: argparse.Namespace, size: str) -> dict:
+def op_plan(
+    op: str,
+    ck: str,
+    tv: str,
+    out: str,
+    model_dtype: str,
+    out_dtype: str | None,
+    device: str,
+    args: argparse.Namespace,
+    size: str,
+) -> dict:
     """What to run for one (op, size, model dtype, output dtype): floors, peers, stream-tv,
     the bytes in and out, and how to check each output."""
     base, ft, ad = (os.path.join(ck, k) for k in ("base", "finetuned", "adapter"))
-    inputs = {"extract": [base, ft], "apply": [base, tv], "merge": [base, ad],
-              "lora-delta": [ad], "compare": [base, ft, ad]}[op]
+    inputs = {
+        "extract": [base, ft],
+        "apply": [base, tv],
+        "merge": [base, ad],
+        "lora-delta": [ad],
+        "compare": [base, ft, ad],
+    }[op]
     in_files = [p for d in inputs for p in files_of(d)]
     eff_out = out_dtype or DEFAULT_OUT[op] or model_dtype  # what the output holds
     params = weights_bytes(base) // ITEMSIZE[model_dtype]
-    out_bytes = {"extract": params * ITEMSIZE[eff_out], "apply": params * ITEMSIZE[eff_out],
-                 "merge": weights_bytes(base),
-                 "lora-delta": lora_delta_params(ck) * ITEMSIZE[eff_out], "compare": 0}[op]
+    out_bytes = {
+        "extract": params * ITEMSIZE[eff_out],
+        "apply": params * ITEMSIZE[eff_out],
+        "merge": weights_bytes(base),
+        "lora-delta": lora_delta_params(ck) * ITEMSIZE[eff_out],
+        "compare": 0,
+    }[op]
     out_json = out + ".json"
     peers_py = os.path.join(HERE, "peers.py")
     dflag = [out_dtype] if out_dtype else []
@@ -543,33 +654,41 @@ def op_plan(op: str, ck: str, tv: str, out: str, model_dtype: str, out_dtype: st
     tools = floor_tools(in_files, out, out_bytes, "")  # cold floors are added per cache state
     peers_here = not args.peer_sizes or size in args.peer_sizes
     if peers_here:
-        st_args = [ad, out] if op == "lora-delta" else [*inputs, out_json if op == "compare"
-                                                        else out]
+        st_args = (
+            [ad, out] if op == "lora-delta" else [*inputs, out_json if op == "compare" else out]
+        )
         st_dt = dflag if op in ("extract", "apply", "lora-delta") else []
         tools["safetensors"] = {"cmd": [PY, peers_py, "safetensors", op, *st_args, *st_dt]}
         if op == "merge":
             tools["peft"] = {"cmd": [PY, peers_py, "peft", "merge", base, ad, out]}
         if op == "apply":
             if args.mergekit_venv:
-                tools["mergekit"] = {"cmd": [PY, peers_py, "mergekit", "apply", base, ft, out,
-                                             *dflag],
-                                     "env": {"MERGEKIT_VENV": args.mergekit_venv}}
+                tools["mergekit"] = {
+                    "cmd": [PY, peers_py, "mergekit", "apply", base, ft, out, *dflag],
+                    "env": {"MERGEKIT_VENV": args.mergekit_venv},
+                }
             else:
-                tools["mergekit"] = {"skip": "mergekit not installed (bash "
-                                             "benchmarks/setup_peers.sh; --mergekit-venv)"}
-    cpu_here = device == "cuda" and (op == "compare" or not args.cpu_check_sizes
-                                     or size in args.cpu_check_sizes)
+                tools["mergekit"] = {
+                    "skip": "mergekit not installed (bash "
+                    "benchmarks/setup_peers.sh; --mergekit-venv)"
+                }
+    cpu_here = device == "cuda" and (
+        op == "compare" or not args.cpu_check_sizes or size in args.cpu_check_sizes
+    )
     if device == "cuda":
         if cpu_here:
             tools["stream-tv (cpu)"] = {"cmd": [*stv, "--device", "cpu"], "keep_as": "cpu"}
         dev = args.cuda_as or args.device
-        tools["stream-tv (cuda)"] = {"cmd": [*stv, "--device", dev],
-                                     "note": f"ran with --device {dev}" if args.cuda_as else ""}
+        tools["stream-tv (cuda)"] = {
+            "cmd": [*stv, "--device", dev],
+            "note": f"ran with --device {dev}" if args.cuda_as else "",
+        }
     else:
         tools["stream-tv"] = {"cmd": [*stv, "--device", device]}
     if args.mem_limit and (not args.mem_limit_sizes or size in args.mem_limit_sizes):
-        tools[LIMITED] = {"cmd": [*stv, "--device", "cpu" if device == "cpu" else
-                                  (args.cuda_as or device)]}
+        tools[LIMITED] = {
+            "cmd": [*stv, "--device", "cpu" if device == "cpu" else (args.cuda_as or device)]
+        }
 
     # how each output is checked: (peers.py verify argv, or None for compare/none)
     if op == "extract":
@@ -582,21 +701,35 @@ def op_plan(op: str, ck: str, tv: str, out: str, model_dtype: str, out_dtype: st
         check = ["lora-delta", "{out}", ad, eff_out]
     else:
         check = ["compare", "{out}", "{compare_ref}", "1e-9"]
-    return {"op": op, "inputs": inputs, "in_files": in_files, "in_bytes": nbytes(in_files),
-            "out_bytes": out_bytes, "weights_bytes": weights_bytes(base), "tools": tools,
-            "check": check, "out": out, "out_json": out_json, "out_dtype": eff_out,
-            "out_dtype_flag": out_dtype, "model_dtype": model_dtype, "ckpt": ck}
+    return {
+        "op": op,
+        "inputs": inputs,
+        "in_files": in_files,
+        "in_bytes": nbytes(in_files),
+        "out_bytes": out_bytes,
+        "weights_bytes": weights_bytes(base),
+        "tools": tools,
+        "check": check,
+        "out": out,
+        "out_json": out_json,
+        "out_dtype": eff_out,
+        "out_dtype_flag": out_dtype,
+        "model_dtype": model_dtype,
+        "ckpt": ck,
+    }
 
 
-def hook_plans(op: str, ck: str, work: str, size: str, model_dtype: str,
-               args: argparse.Namespace) -> list[dict] | str:
+def hook_plans(
+    op: str, ck: str, work: str, size: str, model_dtype: str, args: argparse.Namespace
+) -> list[dict] | str:
     """Row sets from an op's hook script, or a string saying why there are none."""
     folder, issue = HOOKS[op]
     script = os.path.join(HERE, folder, "peer.py")
     if not os.path.exists(script):
         return f"hook not present yet: benchmarks/{folder}/peer.py ({issue})"
-    r = subprocess.run([PY, script, "prepare", ck, work], capture_output=True, text=True,
-                       env=child_env())
+    r = subprocess.run(
+        [PY, script, "prepare", ck, work], capture_output=True, text=True, env=child_env()
+    )
     try:
         sets = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
     except (ValueError, IndexError):
@@ -606,33 +739,52 @@ def hook_plans(op: str, ck: str, work: str, size: str, model_dtype: str,
     plans = []
     for s in sets:
         out = os.path.join(work, f"out-{op}-{s.get('label', '')}-{size}")
-        subst = {"{out}": out, "{python}": PY, "{mergekit_venv}": args.mergekit_venv or "",
-                 "{device}": args.device}
+        subst = {
+            "{out}": out,
+            "{python}": PY,
+            "{mergekit_venv}": args.mergekit_venv or "",
+            "{device}": args.device,
+        }
 
         def fill(argv: list[str], subst: dict = subst) -> list[str]:
             return [subst.get(a, a) for a in argv]
 
         in_files = [p for d in s["inputs"] for p in files_of(d)]
         tools = floor_tools(in_files, out, int(s.get("out_bytes", 0)), "")
-        tools["stream-tv"] = {"cmd": [*stream_tv_cmd(args), *fill(s["stream_tv"]), "--quiet"],
-                              "keep_as": "ours"}
+        tools["stream-tv"] = {
+            "cmd": [*stream_tv_cmd(args), *fill(s["stream_tv"]), "--quiet"],
+            "keep_as": "ours",
+        }
         for name, argv in s.get("peers", {}).items():
             if "{mergekit_venv}" in argv[0] and not args.mergekit_venv:
                 tools[name] = {"skip": "mergekit not installed"}
             else:
                 tools[name] = {"cmd": fill(argv), "env": {"MERGEKIT_VENV": args.mergekit_venv}}
-        plans.append({"op": f"{op} {s.get('label', '')}".strip(), "inputs": s["inputs"],
-                      "in_files": in_files, "in_bytes": nbytes(in_files),
-                      "out_bytes": int(s.get("out_bytes", 0)), "weights_bytes": 0,
-                      "tools": tools, "hook_check": s.get("check"), "out": out,
-                      "out_json": out + ".json", "out_dtype": s.get("out_dtype", "-"),
-                      "out_dtype_flag": None, "model_dtype": model_dtype, "ckpt": ck,
-                      "check": None})
+        plans.append(
+            {
+                "op": f"{op} {s.get('label', '')}".strip(),
+                "inputs": s["inputs"],
+                "in_files": in_files,
+                "in_bytes": nbytes(in_files),
+                "out_bytes": int(s.get("out_bytes", 0)),
+                "weights_bytes": 0,
+                "tools": tools,
+                "hook_check": s.get("check"),
+                "out": out,
+                "out_json": out + ".json",
+                "out_dtype": s.get("out_dtype", "-"),
+                "out_dtype_flag": None,
+                "model_dtype": model_dtype,
+                "ckpt": ck,
+                "check": None,
+            }
+        )
     return plans
 
 
-def run_check(plan: dict, tool: str, out: str, args: argparse.Namespace, device_row: bool,
-              budget: Budget) -> dict:
+def run_check(
+    plan: dict, tool: str, out: str, args: argparse.Namespace, device_row: bool, budget: Budget
+) -> dict:
     """Check one output against its reference; a dict with ``ok`` and what was found."""
     check = plan["check"]
     if check is None:
@@ -656,8 +808,15 @@ def run_check(plan: dict, tool: str, out: str, args: argparse.Namespace, device_
     argv = [a.replace("{out}", out) for a in check]
     r = peers_verify(argv, budget)
     # merge on a GPU: the products' last bits may differ; PEFT's CPU bits are the reference
-    if not r.get("ok") and device_row and plan["op"] == "merge" and not r.get("missing") \
-            and not r.get("extra") and not r.get("dtype_mismatch") and r.get("max_ulp", 99) <= 1:
+    if (
+        not r.get("ok")
+        and device_row
+        and plan["op"] == "merge"
+        and not r.get("missing")
+        and not r.get("extra")
+        and not r.get("dtype_mismatch")
+        and r.get("max_ulp", 99) <= 1
+    ):
         r["ok"] = True
         r["within_ulp"] = 1
     return r
@@ -668,9 +827,13 @@ def peers_verify(argv: list[str], budget: Budget | None = None) -> dict:
     if left <= 1:
         return {"ok": None, "note": "not checked: time budget spent"}
     try:
-        r = subprocess.run([PY, os.path.join(HERE, "peers.py"), "verify", *argv],
-                           capture_output=True, text=True, env=child_env(),
-                           timeout=None if left == float("inf") else left)
+        r = subprocess.run(
+            [PY, os.path.join(HERE, "peers.py"), "verify", *argv],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=None if left == float("inf") else left,
+        )
     except subprocess.TimeoutExpired:
         return {"ok": None, "note": "not checked: time budget spent during the check"}
     got = last_json(r.stdout)
@@ -679,8 +842,14 @@ def peers_verify(argv: list[str], budget: Budget | None = None) -> dict:
     return got
 
 
-def cpu_equal(plan: dict, cuda_out: str, cpu_out: str, budget: Budget,
-              cuda_check: dict, cpu_check: dict | None) -> dict:
+def cpu_equal(
+    plan: dict,
+    cuda_out: str,
+    cpu_out: str,
+    budget: Budget,
+    cuda_check: dict,
+    cpu_check: dict | None,
+) -> dict:
     """The CUDA output against the CPU output of the same command. Two outputs that both
     equal the reference bit for bit equal each other: then no second read is needed."""
     op = plan["op"]
@@ -693,16 +862,30 @@ def cpu_equal(plan: dict, cuda_out: str, cpu_out: str, budget: Budget,
     if exact(cuda_check) and exact(cpu_check):
         return {"ok": True, "via": "both equal the reference bit for bit"}
     r = peers_verify(["check", cuda_out, cpu_out], budget)
-    if op == "merge" and not r.get("ok") and r.get("max_ulp", 99) <= 1 \
-            and not r.get("missing") and not r.get("extra") and not r.get("dtype_mismatch"):
+    if (
+        op == "merge"
+        and not r.get("ok")
+        and r.get("max_ulp", 99) <= 1
+        and not r.get("missing")
+        and not r.get("extra")
+        and not r.get("dtype_mismatch")
+    ):
         r["ok"] = True
         r["within_ulp"] = 1
     return r
 
 
-def measure_plan(plan: dict, size: str, cache_state: str, args: argparse.Namespace,
-                 stv: dict[str, tuple[bool, str]], logs: str, cache: Cache, budget: Budget,
-                 cgroup: MemCgroup | None = None) -> list[dict]:
+def measure_plan(
+    plan: dict,
+    size: str,
+    cache_state: str,
+    args: argparse.Namespace,
+    stv: dict[str, tuple[bool, str]],
+    logs: str,
+    cache: Cache,
+    budget: Budget,
+    cgroup: MemCgroup | None = None,
+) -> list[dict]:
     op = plan["op"]
     tools_all = dict(plan["tools"])
     if cache_state == "cold":  # the O_DIRECT floor too, among the floors
@@ -710,12 +893,18 @@ def measure_plan(plan: dict, size: str, cache_state: str, args: argparse.Namespa
         tools_all = {**cold, **{t: s for t, s in tools_all.items() if t not in cold}}
     base_op = op.split(" ")[0]
     floors = {FLOORS[f] for f in args.floors}
-    wanted = [t for t in tools_all
-              if (t in floors and "floor" in args.tools)
-              or (t.startswith("stream-tv") and "stream-tv" in args.tools)
-              or (not t.startswith(("floor", "stream-tv")) and t in args.tools)
-              or (plan.get("hook_check") and not t.startswith(("floor", "stream-tv"))
-                  and "peers" in args.tools)]
+    wanted = [
+        t
+        for t in tools_all
+        if (t in floors and "floor" in args.tools)
+        or (t.startswith("stream-tv") and "stream-tv" in args.tools)
+        or (not t.startswith(("floor", "stream-tv")) and t in args.tools)
+        or (
+            plan.get("hook_check")
+            and not t.startswith(("floor", "stream-tv"))
+            and "peers" in args.tools
+        )
+    ]
     if cgroup is None:
         wanted = [t for t in wanted if t != LIMITED]
     runs: dict[str, list[dict]] = {t: [] for t in wanted}
@@ -745,20 +934,35 @@ def measure_plan(plan: dict, size: str, cache_state: str, args: argparse.Namespa
             time.sleep(args.settle)
             load = os.getloadavg()[0]
             slug = "".join(c if c.isalnum() or c in "-." else "_" for c in t)
-            lp = os.path.join(logs, f"{op.replace(' ', '_')}-{size}-{plan['model_dtype']}-"
-                              f"{plan['out_dtype']}-{cache_state}-{slug}-{rep}.log")
-            log(f"{op} {size} {plan['model_dtype']}->{plan['out_dtype']} {cache_state} {t} "
-                f"(run {rep + 1}/{args.repeat}, {cached:.0%} of inputs cached)")
+            lp = os.path.join(
+                logs,
+                f"{op.replace(' ', '_')}-{size}-{plan['model_dtype']}-"
+                f"{plan['out_dtype']}-{cache_state}-{slug}-{rep}.log",
+            )
+            log(
+                f"{op} {size} {plan['model_dtype']}->{plan['out_dtype']} {cache_state} {t} "
+                f"(run {rep + 1}/{args.repeat}, {cached:.0%} of inputs cached)"
+            )
             cg = cgroup if (cgroup and t == LIMITED) else None
             if cg:
                 cg.reset()
             cmd = spec["cmd"]
-            r = run_measured(cmd, shell=spec.get("shell", False), log_path=lp,
-                             cgroup=cg.path if cg else "", timeout=budget.timeout(), env=env)
+            r = run_measured(
+                cmd,
+                shell=spec.get("shell", False),
+                log_path=lp,
+                cgroup=cg.path if cg else "",
+                timeout=budget.timeout(),
+                env=env,
+            )
             if cg:
                 r["cgroup"] = cg.stats()
-            r.update(load1_before=load, log=lp, cached_before=cached,
-                     cmd=cmd if isinstance(cmd, str) else shlex.join(cmd))
+            r.update(
+                load1_before=load,
+                log=lp,
+                cached_before=cached,
+                cmd=cmd if isinstance(cmd, str) else shlex.join(cmd),
+            )
             if spec.get("floor_json") and r["rc"] == 0:
                 fj = last_json(tail(lp, 4000)) or {}
                 r["io"] = fj
@@ -768,8 +972,10 @@ def measure_plan(plan: dict, size: str, cache_state: str, args: argparse.Namespa
             if r["rc"] != 0:
                 why = f"timeout after {r['wall']:.0f} s; " if r.get("timeout") else ""
                 if cg and r["rc"] == -9 and r["cgroup"]["failcnt"]:
-                    why += (f"killed at the cgroup memory limit ({cg.limit / 1e6:.0f} MB, "
-                            f"failcnt {r['cgroup']['failcnt']}); ")
+                    why += (
+                        f"killed at the cgroup memory limit ({cg.limit / 1e6:.0f} MB, "
+                        f"failcnt {r['cgroup']['failcnt']}); "
+                    )
                 r["error"] = why + tail(lp)
                 log(f"  FAILED rc={r['rc']}: {r['error'][-300:]}")
             else:
@@ -788,8 +994,15 @@ def measure_plan(plan: dict, size: str, cache_state: str, args: argparse.Namespa
     return summarize(plan, size, cache_state, wanted, runs, skip, checks)
 
 
-def check_row(plan: dict, t: str, spec: dict, args: argparse.Namespace, budget: Budget,
-              kept: dict[str, str], kept_checks: dict[str, dict]) -> dict:
+def check_row(
+    plan: dict,
+    t: str,
+    spec: dict,
+    args: argparse.Namespace,
+    budget: Budget,
+    kept: dict[str, str],
+    kept_checks: dict[str, dict],
+) -> dict:
     """Check the output ``t`` just wrote; keep it aside when a later row is compared to it."""
     op = plan["op"]
     out = plan["out_json"] if op == "compare" else plan["out"]
@@ -803,16 +1016,23 @@ def check_row(plan: dict, t: str, spec: dict, args: argparse.Namespace, budget: 
             return {"ok": None, "note": "ours: the peers are checked against it"}
         if "ours" not in kept:
             return {"ok": False, "error": "no stream-tv output to check against"}
-        argv = [a.replace("{ours}", kept["ours"]).replace("{theirs}", out)
-                for a in [PY if a == "{python}" else a for a in plan["hook_check"]]]
+        argv = [
+            a.replace("{ours}", kept["ours"]).replace("{theirs}", out)
+            for a in [PY if a == "{python}" else a for a in plan["hook_check"]]
+        ]
         r = subprocess.run(argv, capture_output=True, text=True, env=child_env())
         return last_json(r.stdout) or {"ok": False, "error": r.stderr.strip()[-200:]}
     if args.verify:
-        res = run_check(plan, t, out, args, t.endswith("(cuda)") or args.device == "cuda"
-                        and t == LIMITED, budget)
+        res = run_check(
+            plan,
+            t,
+            out,
+            args,
+            t.endswith("(cuda)") or args.device == "cuda" and t == LIMITED,
+            budget,
+        )
     if t == "stream-tv (cuda)" and "cpu" in kept:
-        res["cpu_equal"] = cpu_equal(plan, out, kept["cpu"], budget, res,
-                                     kept_checks.get("cpu"))
+        res["cpu_equal"] = cpu_equal(plan, out, kept["cpu"], budget, res, kept_checks.get("cpu"))
     if spec.get("keep_as") == "cpu":
         dst = out + ".cpu"
         rm(dst)
@@ -822,15 +1042,23 @@ def check_row(plan: dict, t: str, spec: dict, args: argparse.Namespace, budget: 
     return res
 
 
-def summarize(plan: dict, size: str, cache_state: str, wanted: list[str], runs: dict,
-              skip: dict, checks: dict) -> list[dict]:
+def summarize(
+    plan: dict, size: str, cache_state: str, wanted: list[str], runs: dict, skip: dict, checks: dict
+) -> list[dict]:
     gb = plan["in_bytes"] / 1e9
     rows = []
     for t in wanted:
-        row = {"op": plan["op"], "size": size, "model_dtype": plan["model_dtype"],
-               "out_dtype": plan["out_dtype"], "cache": cache_state, "tool": t,
-               "in_bytes": plan["in_bytes"], "out_bytes": plan["out_bytes"],
-               "weights_bytes": plan["weights_bytes"]}
+        row = {
+            "op": plan["op"],
+            "size": size,
+            "model_dtype": plan["model_dtype"],
+            "out_dtype": plan["out_dtype"],
+            "cache": cache_state,
+            "tool": t,
+            "in_bytes": plan["in_bytes"],
+            "out_bytes": plan["out_bytes"],
+            "weights_bytes": plan["weights_bytes"],
+        }
         ok = [r for r in runs.get(t, []) if r["rc"] == 0]
         if t in skip and not runs.get(t):
             row["status"] = skip[t]
@@ -840,11 +1068,14 @@ def summarize(plan: dict, size: str, cache_state: str, wanted: list[str], runs: 
             row["status"] = f"FAILED (rc {last['rc']}): {err[-1][:160]}"
             row["runs"] = runs[t]
         else:
-            row.update(status="ok", runs=runs[t],
-                       wall=statistics.median(r["wall"] for r in ok),
-                       rss_mb=max(r["rss_kb"] for r in ok) / 1024,
-                       load1=statistics.median(r["load1_before"] for r in ok),
-                       cached=max(r["cached_before"] for r in ok))
+            row.update(
+                status="ok",
+                runs=runs[t],
+                wall=statistics.median(r["wall"] for r in ok),
+                rss_mb=max(r["rss_kb"] for r in ok) / 1024,
+                load1=statistics.median(r["load1_before"] for r in ok),
+                cached=max(r["cached_before"] for r in ok),
+            )
             row["gbps"] = gb / row["wall"] if row["wall"] > 0 else None
             io = [r["io"] for r in ok if r.get("io")]
             if io:
@@ -865,8 +1096,9 @@ def add_ratios(rows: list[dict], startup_s: float | None, h2d_gbps: float | None
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["op"] != "startup":
-            groups.setdefault((r["op"], r["size"], r["model_dtype"], r["out_dtype"], r["cache"]),
-                              []).append(r)
+            groups.setdefault(
+                (r["op"], r["size"], r["model_dtype"], r["out_dtype"], r["cache"]), []
+            ).append(r)
     for g in groups.values():
         walls = {r["tool"]: r["wall"] for r in g if "wall" in r}
         floors = [w for t, w in walls.items() if t.startswith("floor")]
@@ -894,24 +1126,37 @@ def add_ratios(rows: list[dict], startup_s: float | None, h2d_gbps: float | None
 
 def startup_rows(args: argparse.Namespace, logs: str, base: str | None) -> list[dict]:
     stv = stream_tv_cmd(args)
-    cases = [("true (harness floor: spawn, RSS)", ["true"]),
-             ("python -c pass", [PY, "-c", "pass"]),
-             ("python -c 'import torch'", [PY, "-c", "import torch"]),
-             ("python -c 'import stream_tv.cli'", [PY, "-c", "import stream_tv.cli"]),
-             ("stream-tv --help", [*stv, "--help"])]
+    cases = [
+        ("true (harness floor: spawn, RSS)", ["true"]),
+        ("python -c pass", [PY, "-c", "pass"]),
+        ("python -c 'import torch'", [PY, "-c", "import torch"]),
+        ("python -c 'import stream_tv.cli'", [PY, "-c", "import stream_tv.cli"]),
+        ("stream-tv --help", [*stv, "--help"]),
+    ]
     if base:
         cases.append(("stream-tv inspect BASE", [*stv, "inspect", base]))
     rows = []
     for i, (name, cmd) in enumerate(cases):
-        rs = [run_measured(cmd, log_path=os.path.join(logs, f"startup{i}-{rep}.log"),
-                           timeout=120)
-              for rep in range(max(args.repeat, args.startup_repeat))]
+        rs = [
+            run_measured(cmd, log_path=os.path.join(logs, f"startup{i}-{rep}.log"), timeout=120)
+            for rep in range(max(args.repeat, args.startup_repeat))
+        ]
         ok = [r for r in rs if r["rc"] == 0]
-        row = {"op": "startup", "size": "-", "model_dtype": "-", "out_dtype": "-", "cache": "warm",
-               "tool": name, "runs": rs}
+        row = {
+            "op": "startup",
+            "size": "-",
+            "model_dtype": "-",
+            "out_dtype": "-",
+            "cache": "warm",
+            "tool": name,
+            "runs": rs,
+        }
         if ok:
-            row.update(status="ok", wall=statistics.median(r["wall"] for r in ok),
-                       rss_mb=max(r["rss_kb"] for r in ok) / 1024)
+            row.update(
+                status="ok",
+                wall=statistics.median(r["wall"] for r in ok),
+                rss_mb=max(r["rss_kb"] for r in ok) / 1024,
+            )
         else:
             row["status"] = f"FAILED (rc {rs[-1]['rc']}): {tail(rs[-1].get('log', ''))[-100:]}"
         rows.append(row)
@@ -932,30 +1177,41 @@ def check_text(r: dict) -> str:
     parts = []
     if c.get("ok") is True:
         if r["op"].startswith("compare"):
-            parts.append(f"figures within 1e-9 of the {c.get('against', 'reference')} "
-                         f"(max rel {c.get('max_rel_err', 0):.1e})")
+            parts.append(
+                f"figures within 1e-9 of the {c.get('against', 'reference')} "
+                f"(max rel {c.get('max_rel_err', 0):.1e})"
+            )
         elif c.get("within_ulp"):
-            parts.append(f"within 1 ulp ({c.get('unequal_elements', 0)} of "
-                         f"{c.get('elements', 0)} elements differ)")
+            parts.append(
+                f"within 1 ulp ({c.get('unequal_elements', 0)} of "
+                f"{c.get('elements', 0)} elements differ)"
+            )
         else:
             parts.append("exact")
     elif c.get("ok") is False:
-        parts.append("**MISMATCH** " + json.dumps({k: v for k, v in c.items()
-                                                    if k not in ("ok", "cpu_equal")})[:200])
+        parts.append(
+            "**MISMATCH** "
+            + json.dumps({k: v for k, v in c.items() if k not in ("ok", "cpu_equal")})[:200]
+        )
     elif c.get("note"):
         parts.append(c["note"])
     ce = c.get("cpu_equal")
     if ce is not None:
         if ce.get("ok"):
-            what = ("figures within 1e-9" if r["op"] == "compare" else
-                    f"within 1 ulp ({ce.get('unequal_elements', 0)} elements)"
-                    if ce.get("within_ulp") else "bit for bit")
+            what = (
+                "figures within 1e-9"
+                if r["op"] == "compare"
+                else f"within 1 ulp ({ce.get('unequal_elements', 0)} elements)"
+                if ce.get("within_ulp")
+                else "bit for bit"
+            )
             if ce.get("via"):
                 what += " (both equal the reference)"
             parts.append(f"= cpu: {what}")
         else:
-            parts.append("**≠ cpu** " + json.dumps({k: v for k, v in ce.items()
-                                                    if k != "ok"})[:200])
+            parts.append(
+                "**≠ cpu** " + json.dumps({k: v for k, v in ce.items() if k != "ok"})[:200]
+            )
     return "; ".join(parts)
 
 
@@ -992,10 +1248,14 @@ def markdown(mach: dict, settings: dict, rows: list[dict], ckpts: dict, extra: d
             f"- host-to-device copy ({h.get('device', '?')}): pinned "
             f"{fmt(h.get('pinned_gbps'), '.1f')} GB/s, pageable {fmt(h.get('pageable_gbps'), '.1f')}"
             f" GB/s, device-to-host pinned {fmt(h.get('d2h_pinned_gbps'), '.1f')} GB/s"
-            if h.get("available") else f"- host-to-device copy: not measured ({h.get('why')})")
+            if h.get("available")
+            else f"- host-to-device copy: not measured ({h.get('why')})"
+        )
     if settings.get("cuda_as"):
-        lines.append(f"- **dry run**: the `stream-tv (cuda)` rows ran with `--device "
-                     f"{settings['cuda_as']}`; their figures say nothing about a GPU")
+        lines.append(
+            f"- **dry run**: the `stream-tv (cuda)` rows ran with `--device "
+            f"{settings['cuda_as']}`; their figures say nothing about a GPU"
+        )
     for key, info in ckpts.items():
         s = info["shape"]
         lines.append(
@@ -1004,14 +1264,17 @@ def markdown(mach: dict, settings: dict, rows: list[dict], ckpts: dict, extra: d
             f"{info['bytes']['base'] / 1e9:.2f} GB in {info['shards']} shard(s), adapter "
             f"{info['bytes']['adapter'] / 1e6:.1f} MB; make_checkpoint.py "
             f"{fmt(info.get('make_wall'), '.1f')} s, peak RSS "
-            f"{fmt(info.get('make_rss_mb'), '.0f')} MB")
+            f"{fmt(info.get('make_rss_mb'), '.0f')} MB"
+        )
     startup = [r for r in rows if r["op"] == "startup"]
     if startup:
         lines += ["", "## Start-up", "", "| command | wall s | peak RSS MB |", "|---|---:|---:|"]
         for r in startup:
-            lines.append(f"| {r['tool']} | {fmt(r.get('wall'), '.3f')} | "
-                         f"{fmt(r.get('rss_mb'), '.0f')} |" if r["status"] == "ok" else
-                         f"| {r['tool']} | {r['status']} | |")
+            lines.append(
+                f"| {r['tool']} | {fmt(r.get('wall'), '.3f')} | {fmt(r.get('rss_mb'), '.0f')} |"
+                if r["status"] == "ok"
+                else f"| {r['tool']} | {r['status']} | |"
+            )
     lines += [
         "",
         "## Results",
@@ -1029,11 +1292,15 @@ def markdown(mach: dict, settings: dict, rows: list[dict], ckpts: dict, extra: d
         if r["op"] != "startup":
             sections.setdefault((r["model_dtype"], r["cache"]), []).append(r)
     for (mdt, cache), rs in sections.items():
-        lines += ["", f"### {mdt} model, {cache} cache", "",
-                  "| op | size | out | tool | wall s | GB/s | peak RSS MB | x floor "
-                  "| x (floor+start) | x host-read | x safetensors | x PEFT | x mergekit "
-                  "| check | cached | load |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        lines += [
+            "",
+            f"### {mdt} model, {cache} cache",
+            "",
+            "| op | size | out | tool | wall s | GB/s | peak RSS MB | x floor "
+            "| x (floor+start) | x host-read | x safetensors | x PEFT | x mergekit "
+            "| check | cached | load |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        ]
         for r in rs:
             head = f"| {r['op']} | {r['size']} | {r['out_dtype']} | {r['tool']} "
             if r.get("status") != "ok":
@@ -1041,14 +1308,17 @@ def markdown(mach: dict, settings: dict, rows: list[dict], ckpts: dict, extra: d
                 continue
             check = check_text(r)
             if "mem_limit" in r:
-                check += (f"; cgroup limit {r['mem_limit'] / 1e9:.1f} GB, max usage "
-                          f"{r['cgroup_max_usage'] / 1e9:.2f} GB")
+                check += (
+                    f"; cgroup limit {r['mem_limit'] / 1e9:.1f} GB, max usage "
+                    f"{r['cgroup_max_usage'] / 1e9:.2f} GB"
+                )
             lines.append(
                 head + f"| {r['wall']:.2f} | {fmt(r.get('gbps'), '.2f')} | {r['rss_mb']:.0f} | "
                 f"{fmt(r.get('x_floor'), '.2f')} | {fmt(r.get('x_floor_start'), '.2f')} | "
                 f"{fmt(r.get('x_host_read'), '.2f')} | {fmt(r.get('x_safetensors'), '.2f')} | "
                 f"{fmt(r.get('x_peft'), '.2f')} | {fmt(r.get('x_mergekit'), '.2f')} | {check} | "
-                f"{r.get('cached', 0):.0%} | {fmt(r.get('load1'), '.1f')} |")
+                f"{r.get('cached', 0):.0%} | {fmt(r.get('load1'), '.1f')} |"
+            )
     lines += [
         "",
         "Floors: `floor: dd` reads every input with `dd bs=8M` to /dev/null, then writes the "
@@ -1065,7 +1335,9 @@ def markdown(mach: dict, settings: dict, rows: list[dict], ckpts: dict, extra: d
 def summary_lines(rows: list[dict]) -> tuple[list[str], bool]:
     bad, skipped, unchecked, ok = [], [], [], 0
     for r in rows:
-        what = f"{r['op']} {r['size']} {r['model_dtype']}->{r['out_dtype']} {r['cache']} {r['tool']}"
+        what = (
+            f"{r['op']} {r['size']} {r['model_dtype']}->{r['out_dtype']} {r['cache']} {r['tool']}"
+        )
         st = r.get("status", "")
         if st.startswith("FAILED"):
             bad.append(f"FAILED   {what}: {st}")
@@ -1079,12 +1351,17 @@ def summary_lines(rows: list[dict]) -> tuple[list[str], bool]:
                 bad.append(f"≠ CPU    {what}: {json.dumps(c['cpu_equal'])[:240]}")
             else:
                 ok += 1
-                if c.get("note", "").startswith("not checked") or \
-                        (c.get("cpu_equal") or {}).get("note", "").startswith("not checked"):
+                if c.get("note", "").startswith("not checked") or (c.get("cpu_equal") or {}).get(
+                    "note", ""
+                ).startswith("not checked"):
                     unchecked.append(f"unchecked {what}: time budget spent")
-    lines = [f"summary: {ok} row(s) ok, {len(bad)} failed or mismatched, "
-             f"{len(skipped)} skipped, {len(unchecked)} not checked", *bad, *unchecked,
-             *skipped]
+    lines = [
+        f"summary: {ok} row(s) ok, {len(bad)} failed or mismatched, "
+        f"{len(skipped)} skipped, {len(unchecked)} not checked",
+        *bad,
+        *unchecked,
+        *skipped,
+    ]
     return lines, not bad
 
 
@@ -1096,67 +1373,118 @@ def csv(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__ + HOOKS_DOC,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__ + HOOKS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", default="1GB", help="comma list, e.g. 1GB,4GB")
     ap.add_argument("--work", default="/work/bench-work", help="checkpoints and outputs here")
-    ap.add_argument("--ops", default=",".join(OPS),
-                    help=f"comma list of {', '.join(OPS)} and the hook ops {', '.join(HOOKS)}")
-    ap.add_argument("--tools", default="floor,safetensors,peft,mergekit,stream-tv,peers",
-                    help="which rows to measure (peers: the rows of hook scripts)")
-    ap.add_argument("--floors", default="dd,rw,direct",
-                    help="which floors: dd, rw (floor.py read+write), direct (O_DIRECT reads, "
-                         "cold rows only)")
+    ap.add_argument(
+        "--ops",
+        default=",".join(OPS),
+        help=f"comma list of {', '.join(OPS)} and the hook ops {', '.join(HOOKS)}",
+    )
+    ap.add_argument(
+        "--tools",
+        default="floor,safetensors,peft,mergekit,stream-tv,peers",
+        help="which rows to measure (peers: the rows of hook scripts)",
+    )
+    ap.add_argument(
+        "--floors",
+        default="dd,rw,direct",
+        help="which floors: dd, rw (floor.py read+write), direct (O_DIRECT reads, cold rows only)",
+    )
     ap.add_argument("--dtype", default="bf16", help="model dtype(s), comma list of bf16,fp16,fp32")
-    ap.add_argument("--out-dtypes", default="default",
-                    help="output dtypes of extract/apply/lora-delta: comma list of "
-                         "default,bf16,fp16,fp32 (default: each op's own)")
+    ap.add_argument(
+        "--out-dtypes",
+        default="default",
+        help="output dtypes of extract/apply/lora-delta: comma list of "
+        "default,bf16,fp16,fp32 (default: each op's own)",
+    )
     ap.add_argument("--cache", default="warm", help="comma list of warm,cold")
-    ap.add_argument("--cold-method", default="auto", choices=["auto", "drop", "fadvise"],
-                    help="cold rows: drop the whole page cache (root) or evict the inputs")
+    ap.add_argument(
+        "--cold-method",
+        default="auto",
+        choices=["auto", "drop", "fadvise"],
+        help="cold rows: drop the whole page cache (root) or evict the inputs",
+    )
     ap.add_argument("--device", default="cpu", help="stream-tv --device: cpu or cuda[:N]")
-    ap.add_argument("--cuda-as", default="",
-                    help="dry run: run the cuda rows with this --device (e.g. cpu)")
-    ap.add_argument("--cpu-check-sizes", default="",
-                    help="with --device cuda: sizes that also get a stream-tv (cpu) row to "
-                         "compare with (default all; compare always gets one)")
-    ap.add_argument("--h2d", default="auto", choices=["auto", "yes", "no"],
-                    help="measure the host-to-device copy rate (auto: with --device cuda)")
+    ap.add_argument(
+        "--cuda-as", default="", help="dry run: run the cuda rows with this --device (e.g. cpu)"
+    )
+    ap.add_argument(
+        "--cpu-check-sizes",
+        default="",
+        help="with --device cuda: sizes that also get a stream-tv (cpu) row to "
+        "compare with (default all; compare always gets one)",
+    )
+    ap.add_argument(
+        "--h2d",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="measure the host-to-device copy rate (auto: with --device cuda)",
+    )
     ap.add_argument("--shard-size", default="5GB")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk-size", default="", help="passed to stream-tv as --chunk-size")
-    ap.add_argument("--stream-tv", default="",
-                    help="the stream-tv command (default: this python -m stream_tv.cli)")
+    ap.add_argument(
+        "--stream-tv",
+        default="",
+        help="the stream-tv command (default: this python -m stream_tv.cli)",
+    )
     ap.add_argument("--stream-tv-args", default="", help="more stream-tv options, one string")
-    ap.add_argument("--mergekit-venv", default=None,
-                    help="venv with mergekit (default /work/venvs/bench-mergekit if present)")
+    ap.add_argument(
+        "--mergekit-venv",
+        default=None,
+        help="venv with mergekit (default /work/venvs/bench-mergekit if present)",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (median)")
     ap.add_argument("--startup-repeat", type=int, default=3)
-    ap.add_argument("--settle", type=float, default=2.0,
-                    help="seconds idle after sync before each measurement")
+    ap.add_argument(
+        "--settle", type=float, default=2.0, help="seconds idle after sync before each measurement"
+    )
     ap.add_argument("--no-verify", dest="verify", action="store_false")
-    ap.add_argument("--mem-limit", default="",
-                    help="run stream-tv again under a cgroup memory limit (RSS + page cache), "
-                         "e.g. 2GB: the larger-than-allowed-memory row")
-    ap.add_argument("--peer-sizes", default="",
-                    help="sizes that get the peer rows (default: all); the whole-model peer "
-                         "needs ~4x the model size in memory")
-    ap.add_argument("--mem-limit-sizes", default="",
-                    help="sizes that get the cgroup-limited row (default: all)")
-    ap.add_argument("--budget-s", type=float, default=0,
-                    help="stop starting measurements after this many seconds (0: no limit)")
-    ap.add_argument("--margin", type=float, default=5.0,
-                    help="seconds of budget a new measurement needs to start")
+    ap.add_argument(
+        "--mem-limit",
+        default="",
+        help="run stream-tv again under a cgroup memory limit (RSS + page cache), "
+        "e.g. 2GB: the larger-than-allowed-memory row",
+    )
+    ap.add_argument(
+        "--peer-sizes",
+        default="",
+        help="sizes that get the peer rows (default: all); the whole-model peer "
+        "needs ~4x the model size in memory",
+    )
+    ap.add_argument(
+        "--mem-limit-sizes", default="", help="sizes that get the cgroup-limited row (default: all)"
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="stop starting measurements after this many seconds (0: no limit)",
+    )
+    ap.add_argument(
+        "--margin",
+        type=float,
+        default=5.0,
+        help="seconds of budget a new measurement needs to start",
+    )
     ap.add_argument("--run-timeout", type=float, default=1800, help="seconds per child")
-    ap.add_argument("--no-compare-reference", dest="compare_reference", action="store_false",
-                    help="check compare only against the whole-model peer (where it ran) and, "
-                         "on cuda, the cpu row; do not make the tensor-by-tensor reference")
+    ap.add_argument(
+        "--no-compare-reference",
+        dest="compare_reference",
+        action="store_false",
+        help="check compare only against the whole-model peer (where it ran) and, "
+        "on cuda, the cpu row; do not make the tensor-by-tensor reference",
+    )
     ap.add_argument("--no-startup", dest="startup", action="store_false")
     ap.add_argument("--out", default="", help="Markdown results (e.g. benchmarks/RESULTS.md)")
     ap.add_argument("--json", default="", help="JSON results")
-    ap.add_argument("--clean", action="store_true",
-                    help="delete each size's checkpoints after measuring it")
+    ap.add_argument(
+        "--clean", action="store_true", help="delete each size's checkpoints after measuring it"
+    )
     args = ap.parse_args(argv)
     t_start = time.monotonic()
     budget = Budget(args.budget_s, args.run_timeout)
@@ -1182,10 +1510,12 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     if args.mergekit_venv is None:
         dflt = "/work/venvs/bench-mergekit"
-        args.mergekit_venv = dflt if os.path.exists(os.path.join(dflt, "bin", "mergekit-yaml")) \
-            else ""
+        args.mergekit_venv = (
+            dflt if os.path.exists(os.path.join(dflt, "bin", "mergekit-yaml")) else ""
+        )
     elif args.mergekit_venv and not os.path.exists(
-            os.path.join(args.mergekit_venv, "bin", "mergekit-yaml")):
+        os.path.join(args.mergekit_venv, "bin", "mergekit-yaml")
+    ):
         log(f"no mergekit-yaml in {args.mergekit_venv}: mergekit rows skipped")
         args.mergekit_venv = ""
 
@@ -1193,8 +1523,10 @@ def main(argv: list[str] | None = None) -> int:
     logs = os.path.join(args.work, "logs")
     os.makedirs(logs, exist_ok=True)
     mach = machine(args.work)
-    log(f"{mach['cpu']}, {mach['cores']} cores, {mach['ram_gib']} GiB, {mach['disk']}"
-        + (f", GPU {mach['gpu']}" if mach["gpu"] else ""))
+    log(
+        f"{mach['cpu']}, {mach['cores']} cores, {mach['ram_gib']} GiB, {mach['disk']}"
+        + (f", GPU {mach['gpu']}" if mach["gpu"] else "")
+    )
     stv = stream_tv_available(args, ops)
     for op, (ok, why) in stv.items():
         log(f"stream-tv {op}: {'available' if ok else why}")
@@ -1203,8 +1535,9 @@ def main(argv: list[str] | None = None) -> int:
         log(cache.describe())
     extra: dict = {"cache": cache.describe() if "cold" in caches else "no cold rows"}
     if args.h2d == "yes" or (args.h2d == "auto" and device == "cuda"):
-        r = subprocess.run([PY, os.path.join(HERE, "floor.py"), "h2d"], capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run(
+            [PY, os.path.join(HERE, "floor.py"), "h2d"], capture_output=True, text=True, timeout=300
+        )
         extra["h2d"] = last_json(r.stdout) or {"available": False, "why": r.stderr[-200:]}
         log(f"host-to-device: {json.dumps(extra['h2d'])[:300]}")
     h2d_gbps = (extra.get("h2d") or {}).get("pinned_gbps")
@@ -1235,8 +1568,10 @@ def main(argv: list[str] | None = None) -> int:
                     need -= big
                 free = shutil.disk_usage(args.work).free
                 if free < need:
-                    fatal.append(f"{size} {mdt}: skipped, needs ~{need / 1e9:.0f} GB more in "
-                                 f"{args.work}, has {free / 1e9:.0f} GB free")
+                    fatal.append(
+                        f"{size} {mdt}: skipped, needs ~{need / 1e9:.0f} GB more in "
+                        f"{args.work}, has {free / 1e9:.0f} GB free"
+                    )
                     log(fatal[-1])
                     continue
                 try:
@@ -1255,9 +1590,17 @@ def main(argv: list[str] | None = None) -> int:
                     if op in HOOKS:
                         got = hook_plans(op, ck, args.work, size, mdt, args)
                         if isinstance(got, str):
-                            rows.append({"op": op, "size": size, "model_dtype": mdt,
-                                         "out_dtype": "-", "cache": caches[0], "tool": "peers",
-                                         "status": got})
+                            rows.append(
+                                {
+                                    "op": op,
+                                    "size": size,
+                                    "model_dtype": mdt,
+                                    "out_dtype": "-",
+                                    "cache": caches[0],
+                                    "tool": "peers",
+                                    "status": got,
+                                }
+                            )
                         else:
                             plans += got
                         continue
@@ -1272,8 +1615,9 @@ def main(argv: list[str] | None = None) -> int:
                         plans.append(op_plan(op, ck, tv, out, mdt, odt, device, args, size))
                 for cache_state in caches:
                     for plan in plans:
-                        rows += measure_plan(plan, size, cache_state, args, stv, logs, cache,
-                                             budget, cgroup)
+                        rows += measure_plan(
+                            plan, size, cache_state, args, stv, logs, cache, budget, cgroup
+                        )
                 if args.clean:
                     rm(ck)
     finally:
@@ -1281,20 +1625,38 @@ def main(argv: list[str] | None = None) -> int:
             cgroup.close()
     if args.startup and not startup_done:
         rows += startup_rows(args, logs, None)
-    startup_s = next((r["wall"] for r in rows if r["op"] == "startup" and "wall" in r
-                      and r["tool"] == "python -c 'import torch'"), None)
+    startup_s = next(
+        (
+            r["wall"]
+            for r in rows
+            if r["op"] == "startup" and "wall" in r and r["tool"] == "python -c 'import torch'"
+        ),
+        None,
+    )
     add_ratios(rows, startup_s, h2d_gbps)
 
-    settings = {"command": "python benchmarks/run.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv), "dtypes": dtypes,
-        "out_dtypes": [d or "default" for d in out_dtypes], "device": args.device,
-        "cuda_as": args.cuda_as, "shard_size": args.shard_size, "rank": args.rank,
-        "seed": args.seed, "chunk_size": args.chunk_size, "repeat": args.repeat,
-        "settle": args.settle, "mem_limit": args.mem_limit, "caches": caches,
-        "cold_method": cache.method, "drop_caches_permitted": not cache.why_not_drop,
+    settings = {
+        "command": "python benchmarks/run.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "dtypes": dtypes,
+        "out_dtypes": [d or "default" for d in out_dtypes],
+        "device": args.device,
+        "cuda_as": args.cuda_as,
+        "shard_size": args.shard_size,
+        "rank": args.rank,
+        "seed": args.seed,
+        "chunk_size": args.chunk_size,
+        "repeat": args.repeat,
+        "settle": args.settle,
+        "mem_limit": args.mem_limit,
+        "caches": caches,
+        "cold_method": cache.method,
+        "drop_caches_permitted": not cache.why_not_drop,
         "drop_caches_why_not": cache.why_not_drop,
-        "mergekit": mergekit_version(args.mergekit_venv), "mergekit_venv": args.mergekit_venv,
-        "budget_s": args.budget_s, "elapsed_s": round(time.monotonic() - t_start, 1)}
+        "mergekit": mergekit_version(args.mergekit_venv),
+        "mergekit_venv": args.mergekit_venv,
+        "budget_s": args.budget_s,
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+    }
     md = markdown(mach, settings, rows, ckpts, extra)
     summ, all_ok = summary_lines(rows)
     summ += [f"not run: {f}" for f in fatal]
@@ -1306,10 +1668,22 @@ def main(argv: list[str] | None = None) -> int:
             f.write(md)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": mach, "settings": settings, "checkpoints": ckpts,
-                       "extra": extra, "stream_tv": {op: {"available": ok, "detail": why}
-                                                     for op, (ok, why) in stv.items()},
-                       "rows": rows, "summary": summ}, f, indent=2, default=str)
+            json.dump(
+                {
+                    "machine": mach,
+                    "settings": settings,
+                    "checkpoints": ckpts,
+                    "extra": extra,
+                    "stream_tv": {
+                        op: {"available": ok, "detail": why} for op, (ok, why) in stv.items()
+                    },
+                    "rows": rows,
+                    "summary": summ,
+                },
+                f,
+                indent=2,
+                default=str,
+            )
     print("\n".join(summ))
     log(f"done in {time.monotonic() - t_start:.0f} s")
     return 0 if all_ok else 1

@@ -49,8 +49,9 @@ def wall(cmd: list[str], repeat: int) -> tuple[float, float, int]:
 def importtime(cmd_tail: list[str]) -> list[tuple[int, int, int, str]]:
     """``python -X importtime ...``: (self us, cumulative us, depth, module) in print order
     (a module is printed after everything it imported)."""
-    p = subprocess.run([PY, "-X", "importtime", *cmd_tail], capture_output=True, text=True,
-                       env=env(), cwd=REPO)
+    p = subprocess.run(
+        [PY, "-X", "importtime", *cmd_tail], capture_output=True, text=True, env=env(), cwd=REPO
+    )
     rows = []
     for line in p.stderr.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
@@ -68,7 +69,7 @@ def chain_to(rows: list[tuple[int, int, int, str]], target: str) -> list[str]:
         if mod == target:
             chain = [mod]
             d = depth
-            for _, _, d2, m2 in rows[i + 1:]:
+            for _, _, d2, m2 in rows[i + 1 :]:
                 if d2 < d:
                     chain.append(m2)
                     d = d2
@@ -125,8 +126,10 @@ def module_imports() -> dict[str, dict[str, list[str]]]:
                         elif n.module:
                             top = n.module.split(".")[0]
                             (local if top == "stream_tv" else heavy).add(n.module)
-            out[mod] = {"heavy": sorted(h for h in heavy if h.split(".")[0] in HEAVY),
-                        "local": sorted(local)}
+            out[mod] = {
+                "heavy": sorted(h for h in heavy if h.split(".")[0] in HEAVY),
+                "local": sorted(local),
+            }
     return out
 
 
@@ -143,35 +146,48 @@ def closure(graph: dict[str, dict[str, list[str]]], start: str) -> list[str]:
         parts = m.split(".")
         for i in range(1, len(parts)):  # importing a.b.c runs a/__init__ and a.b/__init__
             todo.append(".".join(parts[:i]))
-        todo += [x for x in graph.get(m, {}).get("local", []) if x in graph or
-                 x.rsplit(".", 1)[0] in graph]
+        todo += [
+            x
+            for x in graph.get(m, {}).get("local", [])
+            if x in graph or x.rsplit(".", 1)[0] in graph
+        ]
         todo = [x if x in graph else x.rsplit(".", 1)[0] for x in todo]
     return sorted(set(seen) & set(graph))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="", help="a local checkpoint for `inspect`")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default="", help="write the Markdown here as well")
     args = ap.parse_args(argv)
 
     cli = [PY, "-m", "stream_tv.cli"]
-    cases = [("python -c pass", [PY, "-c", "pass"]),
-             ("python -c 'import torch'", [PY, "-c", "import torch"]),
-             ("python -c 'import stream_tv.cli'", [PY, "-c", "import stream_tv.cli"]),
-             ("stream-tv --help", [*cli, "--help"])]
-    trees = [("import stream_tv.cli", ["-c", "import stream_tv.cli"]),
-             ("stream-tv --help", ["-m", "stream_tv.cli", "--help"])]
+    cases = [
+        ("python -c pass", [PY, "-c", "pass"]),
+        ("python -c 'import torch'", [PY, "-c", "import torch"]),
+        ("python -c 'import stream_tv.cli'", [PY, "-c", "import stream_tv.cli"]),
+        ("stream-tv --help", [*cli, "--help"]),
+    ]
+    trees = [
+        ("import stream_tv.cli", ["-c", "import stream_tv.cli"]),
+        ("stream-tv --help", ["-m", "stream_tv.cli", "--help"]),
+    ]
     if args.model:
         cases.append(("stream-tv inspect MODEL", [*cli, "inspect", args.model]))
         trees.append(("stream-tv inspect MODEL", ["-m", "stream_tv.cli", "inspect", args.model]))
-    lines = ["# stream-tv start-up", "",
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} cores, load average "
-             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at start; median and min of "
-             f"{args.repeat} fresh processes.", "",
-             "| command | median s | min s | exit |", "|---|---:|---:|---:|"]
+    lines = [
+        "# stream-tv start-up",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} cores, load average "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at start; median and min of "
+        f"{args.repeat} fresh processes.",
+        "",
+        "| command | median s | min s | exit |",
+        "|---|---:|---:|---:|",
+    ]
     for name, cmd in cases:
         med, mn, rc = wall(cmd, args.repeat)
         lines.append(f"| {name} | {med:.3f} | {mn:.3f} | {rc} |")
@@ -179,24 +195,39 @@ def main(argv: list[str] | None = None) -> int:
     for name, tail in trees:
         rows = importtime(tail)
         total = max((c for _, c, d, _ in rows if d == 0), default=0) / 1e6
-        lines += ["", f"## `{name}`: import tree (`-X importtime`)", "",
-                  f"Largest top-level import: {total:.2f} s. Self time per package:", ""]
+        lines += [
+            "",
+            f"## `{name}`: import tree (`-X importtime`)",
+            "",
+            f"Largest top-level import: {total:.2f} s. Self time per package:",
+            "",
+        ]
         for pkgname, sec in list(by_package(rows).items())[:8]:
             lines.append(f"- {pkgname}: {sec:.3f} s")
         for heavy in ("torch", "numpy", "safetensors", "huggingface_hub"):
             ch = chain_to(rows, heavy)
-            lines.append(f"- first import of {heavy}: " + (" -> ".join(ch) if ch else
-                                                           "not imported"))
+            lines.append(
+                f"- first import of {heavy}: " + (" -> ".join(ch) if ch else "not imported")
+            )
     graph = module_imports()
-    lines += ["", "## Module-level imports of heavy packages (from the source)", "",
-              "| module | heavy imports at module level |", "|---|---|"]
+    lines += [
+        "",
+        "## Module-level imports of heavy packages (from the source)",
+        "",
+        "| module | heavy imports at module level |",
+        "|---|---|",
+    ]
     for mod, info in sorted(graph.items()):
         if info["heavy"]:
             lines.append(f"| {mod} | {', '.join(info['heavy'])} |")
     cl = closure(graph, "stream_tv.cli")
     torchy = [m for m in cl if any(h.split(".")[0] == "torch" for h in graph[m]["heavy"])]
-    lines += ["", f"`import stream_tv.cli` runs {len(cl)} stream_tv modules at import time; "
-              f"{len(torchy)} of them import torch at module level: {', '.join(torchy)}.", ""]
+    lines += [
+        "",
+        f"`import stream_tv.cli` runs {len(cl)} stream_tv modules at import time; "
+        f"{len(torchy)} of them import torch at module level: {', '.join(torchy)}.",
+        "",
+    ]
     md = "\n".join(lines) + "\n"
     print(md)
     if args.out:
