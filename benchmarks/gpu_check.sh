@@ -36,7 +36,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 REPO=$PWD
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 
