@@ -705,7 +705,7 @@ def op_plan(
         "check": check,
         "out": out,
         "out_json": out_json,
-        "out_dtype": eff_out,
+        "out_dtype": "-" if op == "compare" else eff_out,
         "out_dtype_flag": out_dtype,
         "model_dtype": model_dtype,
         "ckpt": ck,
@@ -1318,7 +1318,7 @@ def markdown(mach: dict, settings: dict, rows: list[dict], ckpts: dict, extra: d
             check = check_text(r)
             if "mem_limit" in r:
                 check += (
-                    f"; cgroup limit {r['mem_limit'] / 1e9:.1f} GB, max usage "
+                    f"; cgroup limit {r['mem_limit'] / 1e9:.2f} GB, max usage "
                     f"{r['cgroup_max_usage'] / 1e9:.2f} GB"
                 )
             lines.append(
