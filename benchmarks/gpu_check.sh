@@ -245,6 +245,10 @@ done
 for f in "$OUT/run-$SIZE1.log" "$OUT/run-$SIZE8.log"; do
     [[ -f "$f" ]] && sed -n '/^summary: /,$p' "$f" | grep -v "^\[" | head -40
 done
-echo "results: $OUT/RESULTS-gpu.md"
+# every child's log (small text) comes back with the results
+mkdir -p "$OUT/run-logs"
+cp -r "$WORK"/logs/. "$OUT/run-logs/" 2>/dev/null
+find "$WORK" -maxdepth 2 -name "*.log" -size -1M -exec cp {} "$OUT/run-logs/" \; 2>/dev/null
+echo "results: $OUT/RESULTS-gpu.md (logs of every run: $OUT/run-logs)"
 [[ "${GPU_CHECK_KEEP:-0}" == 1 ]] || rm -rf "$WORK"
 exit $FAILED
