@@ -143,7 +143,7 @@ RUN1=("$PY" benchmarks/run.py --sizes "$SIZE1" "${DEVICE_ARGS[@]}" "${RUN_COMMON
       --out "$OUT/RESULTS-gpu-$SIZE1.md" --json "$OUT/results-gpu-$SIZE1.json")
 RUN8=("$PY" benchmarks/run.py --sizes "$SIZE8" "${DEVICE_ARGS[@]}" "${RUN_COMMON[@]}"
       --out-dtypes default --tools floor,stream-tv --floors rw --cpu-check-sizes none
-      --no-compare-reference --no-startup --h2d no --margin 20
+      --no-compare-reference --startup torch --h2d no --margin 20
       --out "$OUT/RESULTS-gpu-$SIZE8.md" --json "$OUT/results-gpu-$SIZE8.json")
 mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/*.py)
 NOT_COLLECTED=()

@@ -1144,6 +1144,8 @@ def startup_rows(args: argparse.Namespace, logs: str, base: str | None) -> list[
     ]
     if base:
         cases.append(("stream-tv inspect BASE", [*stv, "inspect", base]))
+    if args.startup == "torch":  # only what x (floor+start) needs
+        cases = [c for c in cases if "import torch" in c[0]]
     rows = []
     for i, (name, cmd) in enumerate(cases):
         rs = [
@@ -1488,7 +1490,13 @@ def main(argv: list[str] | None = None) -> int:
         help="check compare only against the whole-model peer (where it ran) and, "
         "on cuda, the cpu row; do not make the tensor-by-tensor reference",
     )
-    ap.add_argument("--no-startup", dest="startup", action="store_false")
+    ap.add_argument(
+        "--startup",
+        default="full",
+        choices=["full", "torch", "none"],
+        help="start-up rows: all (python, import torch, import stream_tv.cli, --help, inspect), "
+        "only import torch (what x (floor+start) needs), or none",
+    )
     ap.add_argument("--out", default="", help="Markdown results (e.g. benchmarks/RESULTS.md)")
     ap.add_argument("--json", default="", help="JSON results")
     ap.add_argument(
@@ -1591,7 +1599,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"FAILED {fatal[-1]}")
                     continue
                 ckpts[f"{size} {mdt}"] = info
-                if args.startup and not startup_done:
+                if args.startup != "none" and not startup_done:
                     rows += startup_rows(args, logs, os.path.join(ck, "base"))
                     startup_done = True
                 plans: list[dict] = []
@@ -1632,7 +1640,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cgroup:
             cgroup.close()
-    if args.startup and not startup_done:
+    if args.startup != "none" and not startup_done:
         rows += startup_rows(args, logs, None)
     startup_s = next(
         (
