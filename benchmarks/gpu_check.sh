@@ -99,6 +99,7 @@ step() {
     fi
     rc=${PIPESTATUS[0]}
     if ((rc == 124 || rc == 137)); then note="TIMEOUT after ${limit} s"; fi
+    if ((rc == 2)) && [[ "$name" == run-* ]]; then note="INCOMPLETE: the time budget cut rows"; fi
     if ((rc != 0)); then
         FAILED=1
         echo "!!! $name FAILED (rc $rc) ${note}; see $OUT/$name.log; going on"

@@ -50,7 +50,8 @@ Every output is checked (``--no-verify`` skips it): extract against a float32
 the fine-tuned model (PEFT's merge bits; cast to the output dtype for apply), lora-delta
 against ``scaling * B @ A`` of whole tensors, compare's figures against the whole-tensor
 float64 peer or its tensor-by-tensor twin, each within 1e-9. Exit status 1 when any row
-failed or any check did not pass; the summary at the end lists them.
+failed or any check did not pass, 2 when nothing failed but the time budget (``--budget-s``)
+cut rows; the summary at the end lists them.
 """
 
 from __future__ import annotations
@@ -1677,7 +1678,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(mach, settings, rows, ckpts, extra)
     summ, all_ok = summary_lines(rows)
     summ += [f"not run: {f}" for f in fatal]
-    all_ok = all_ok and not fatal
+    all_ok = all_ok and not any("time budget" not in f for f in fatal)
     md += "\n## Summary\n\n" + "\n".join(f"- {s}" for s in summ) + "\n"
     print("\n" + md)
     if args.out:
@@ -1703,7 +1704,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     print("\n".join(summ))
     log(f"done in {time.monotonic() - t_start:.0f} s")
-    return 0 if all_ok else 1
+    if not all_ok:
+        return 1
+    budget_cut = any("time budget" in r.get("status", "") for r in rows) or any(
+        "time budget" in f for f in fatal
+    )
+    return 2 if budget_cut else 0  # 2: nothing failed, but the budget cut rows short
 
 
 if __name__ == "__main__":
