@@ -34,17 +34,19 @@ import zlib
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sizes import parse_size  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from stream_tv.io.writer import parse_size, shard_name  # noqa: E402
 from stream_tv.io.writer import plan_shards as plan_shard_names  # noqa: E402
-from stream_tv.io.writer import shard_name  # noqa: E402
+from stream_tv.synthetic import llama_config as stream_tv_llama_config  # noqa: E402
 from stream_tv.synthetic import llama_shapes  # noqa: E402
 
 DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
 }
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 VOCAB = 32000
@@ -62,8 +64,12 @@ def shape_for(hidden: int, layers: int) -> dict:
     kv_heads = max(1, heads // GQA)
     inter = max(128, int(round(hidden * 2.75 / 128)) * 128)
     return {
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": VOCAB,
         "head_dim": HEAD_DIM,
     }
 
@@ -95,32 +101,16 @@ def choose_shape(size: int, itemsize: int, hidden: int | None, layers: int | Non
 
 
 def llama_config(shape: dict, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "head_dim": shape["head_dim"],
-        "hidden_act": "silu",
-        "hidden_size": shape["hidden_size"],
-        "initializer_range": WEIGHT_STD,
-        "intermediate_size": shape["intermediate_size"],
-        "max_position_embeddings": 2048,
-        "mlp_bias": False,
-        "model_type": "llama",
-        "num_attention_heads": shape["num_attention_heads"],
-        "num_hidden_layers": shape["num_hidden_layers"],
-        "num_key_value_heads": shape["num_key_value_heads"],
-        "pretraining_tp": 1,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": None,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": DTYPE_NAMES[dtype],
-        "use_cache": True,
-        "vocab_size": shape["vocab_size"],
-    }
+    """stream_tv.synthetic's LlamaConfig dict for ``shape`` (what transformers loads)."""
+    return stream_tv_llama_config(
+        hidden=shape["hidden_size"],
+        intermediate=shape["intermediate_size"],
+        layers=shape["num_hidden_layers"],
+        heads=shape["num_attention_heads"],
+        kv_heads=shape["num_key_value_heads"],
+        vocab=shape["vocab_size"],
+        dtype=dtype,
+    )
 
 
 def adapter_config(rank: int, alpha: float, base_path: str) -> dict:
@@ -181,8 +171,9 @@ class Arena:
     def __init__(self, nbytes: int) -> None:
         self.mem = mmap.mmap(-1, max(nbytes, 1))
 
-    def tensors(self, specs: list[tuple[str, tuple[int, ...]]],
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def tensors(
+        self, specs: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         out, off = {}, 0
         itemsize = torch.empty((), dtype=dtype).element_size()
         for name, shape in specs:
@@ -202,18 +193,20 @@ def fill_base(out: torch.Tensor, seed: int, name: str, scratch: Scratch) -> None
     out.copy_(t)  # the one rounding to the model dtype
 
 
-def lora_pair(seed: int, module: str, out_f: int, in_f: int, rank: int,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_pair(
+    seed: int, module: str, out_f: int, in_f: int, rank: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rank, in) with kaiming-like scale, B (out, rank) nonzero (a trained adapter)."""
     a = torch.empty((rank, in_f), dtype=torch.float32)
-    a.normal_(0.0, in_f ** -0.5, generator=generator(seed, module + ".lora_A"))
+    a.normal_(0.0, in_f**-0.5, generator=generator(seed, module + ".lora_A"))
     b = torch.empty((out_f, rank), dtype=torch.float32)
     b.normal_(0.0, 0.01, generator=generator(seed, module + ".lora_B"))
     return a.to(dtype), b.to(dtype)
 
 
-def peft_merge_(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                scratch: Scratch) -> None:
+def peft_merge_(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, scratch: Scratch
+) -> None:
     """In place, what PEFT's merge_and_unload does on CPU: adapter weights upcast to float32
     on load, delta = (B @ A) * scaling in float32, then W + delta in float32, rounded once to
     W's dtype. (float32(W) + delta == delta + float32(W) bit for bit.)"""
@@ -234,8 +227,9 @@ def full_ft_(w: torch.Tensor, seed: int, name: str, scratch: Scratch) -> None:
 # --------------------------------------------------------------------------- layout
 
 
-def plan_shards(specs: list[tuple[str, tuple[int, ...]]], itemsize: int,
-                max_shard: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+def plan_shards(
+    specs: list[tuple[str, tuple[int, ...]]], itemsize: int, max_shard: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
     """stream_tv's shard planner (greedy, in order, as transformers does) over specs."""
     shapes = dict(specs)
     groups = plan_shard_names([(n, numel(s) * itemsize) for n, s in specs], max_shard)
@@ -258,17 +252,28 @@ def dir_size(d: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
 
 
-def make(out: str, size: int, dtype: torch.dtype, shard_size: int, rank: int, seed: int = 0,
-         alpha: float | None = None, adapter_dtype: torch.dtype = torch.float32,
-         full_ft_mlp: int | None = None, hidden: int | None = None, layers: int | None = None,
-         quiet: bool = False) -> dict:
+def make(
+    out: str,
+    size: int,
+    dtype: torch.dtype,
+    shard_size: int,
+    rank: int,
+    seed: int = 0,
+    alpha: float | None = None,
+    adapter_dtype: torch.dtype = torch.float32,
+    full_ft_mlp: int | None = None,
+    hidden: int | None = None,
+    layers: int | None = None,
+    quiet: bool = False,
+) -> dict:
     t0 = time.perf_counter()
     itemsize = torch.empty((), dtype=dtype).element_size()
     shape = choose_shape(size, itemsize, hidden, layers)
     specs = tensor_specs(shape)
     if full_ft_mlp is not None and not 0 <= full_ft_mlp < shape["num_hidden_layers"]:
-        raise SystemExit(f"--full-ft-mlp {full_ft_mlp}: the model has layers "
-                         f"0..{shape['num_hidden_layers'] - 1}")
+        raise SystemExit(
+            f"--full-ft-mlp {full_ft_mlp}: the model has layers 0..{shape['num_hidden_layers'] - 1}"
+        )
     alpha = float(2 * rank) if alpha is None else alpha
     scaling = alpha / rank
     shards = plan_shards(specs, itemsize, shard_size)
@@ -282,8 +287,10 @@ def make(out: str, size: int, dtype: torch.dtype, shard_size: int, rank: int, se
     cfg = llama_config(shape, dtype)
     for k in ("base", "finetuned"):
         write_json(os.path.join(dirs[k], "config.json"), cfg)
-    write_json(os.path.join(dirs["adapter"], "adapter_config.json"),
-               adapter_config(rank, alpha, os.path.abspath(dirs["base"])))
+    write_json(
+        os.path.join(dirs["adapter"], "adapter_config.json"),
+        adapter_config(rank, alpha, os.path.abspath(dirs["base"])),
+    )
 
     # the adapter (small): A, B per target module, rounded to the adapter dtype once
     adapter: dict[str, torch.Tensor] = {}
@@ -294,8 +301,11 @@ def make(out: str, size: int, dtype: torch.dtype, shard_size: int, rank: int, se
             a, b = lora_pair(seed, module, out_f, in_f, rank, adapter_dtype)
             adapter[f"base_model.model.{module}.lora_A.weight"] = a
             adapter[f"base_model.model.{module}.lora_B.weight"] = b
-    save_file(adapter, os.path.join(dirs["adapter"], "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        adapter,
+        os.path.join(dirs["adapter"], "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     t_adapter = time.perf_counter() - t0
 
     scratch = Scratch()
@@ -321,8 +331,13 @@ def make(out: str, size: int, dtype: torch.dtype, shard_size: int, rank: int, se
             total += numel(s) * itemsize
             key = "base_model.model." + name[: -len(".weight")]
             if key + ".lora_A.weight" in adapter:
-                peft_merge_(tensors[name], adapter[key + ".lora_A.weight"],
-                            adapter[key + ".lora_B.weight"], scaling, scratch)
+                peft_merge_(
+                    tensors[name],
+                    adapter[key + ".lora_A.weight"],
+                    adapter[key + ".lora_B.weight"],
+                    scaling,
+                    scratch,
+                )
                 n_changed += 1
             elif mlp_prefix and name.startswith(mlp_prefix):
                 full_ft_(tensors[name], seed, name, scratch)
@@ -337,48 +352,87 @@ def make(out: str, size: int, dtype: torch.dtype, shard_size: int, rank: int, se
 
     wall = time.perf_counter() - t0
     info = {
-        "out": os.path.abspath(out), "shape": shape, "dtype": DTYPE_NAMES[dtype],
-        "adapter_dtype": DTYPE_NAMES[adapter_dtype], "rank": rank, "lora_alpha": alpha,
-        "scaling": scaling, "seed": seed, "shards": len(shards), "shard_size": shard_size,
-        "full_ft_mlp": full_ft_mlp, "tensors": len(specs), "tensors_changed": n_changed,
-        "bytes": {k: dir_size(d) for k, d in dirs.items()}, "total_size": total,
-        "seconds": {"wall": round(wall, 2), "generate": round(gen_s, 2),
-                    "write": round(write_s, 2), "adapter": round(t_adapter, 2)},
+        "out": os.path.abspath(out),
+        "shape": shape,
+        "dtype": DTYPE_NAMES[dtype],
+        "adapter_dtype": DTYPE_NAMES[adapter_dtype],
+        "rank": rank,
+        "lora_alpha": alpha,
+        "scaling": scaling,
+        "seed": seed,
+        "shards": len(shards),
+        "shard_size": shard_size,
+        "full_ft_mlp": full_ft_mlp,
+        "tensors": len(specs),
+        "tensors_changed": n_changed,
+        "bytes": {k: dir_size(d) for k, d in dirs.items()},
+        "total_size": total,
+        "seconds": {
+            "wall": round(wall, 2),
+            "generate": round(gen_s, 2),
+            "write": round(write_s, 2),
+            "adapter": round(t_adapter, 2),
+        },
     }
     write_json(os.path.join(out, "make_checkpoint.json"), info)
     if not quiet:
-        print(f"{out}: llama hidden {shape['hidden_size']}, intermediate "
-              f"{shape['intermediate_size']}, {shape['num_hidden_layers']} layers, vocab "
-              f"{shape['vocab_size']}, {DTYPE_NAMES[dtype]}, {len(shards)} shard(s)")
+        print(
+            f"{out}: llama hidden {shape['hidden_size']}, intermediate "
+            f"{shape['intermediate_size']}, {shape['num_hidden_layers']} layers, vocab "
+            f"{shape['vocab_size']}, {DTYPE_NAMES[dtype]}, {len(shards)} shard(s)"
+        )
         for k, b in info["bytes"].items():
             print(f"  {k:10s} {b / 1e9:8.3f} GB")
-        print(f"  {n_changed} tensors differ between base and finetuned; LoRA r={rank}, "
-              f"alpha={alpha:g}, adapter {DTYPE_NAMES[adapter_dtype]}")
+        print(
+            f"  {n_changed} tensors differ between base and finetuned; LoRA r={rank}, "
+            f"alpha={alpha:g}, adapter {DTYPE_NAMES[adapter_dtype]}"
+        )
         print(f"  {wall:.1f} s (generate/merge {gen_s:.1f} s, save_file {write_s:.1f} s)")
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", default="1GB", help="about this many bytes of base weights")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--shard-size", default="5GB", help="max bytes per shard (as transformers)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 x rank)")
-    ap.add_argument("--adapter-dtype", default="fp32", choices=sorted(DTYPES),
-                    help="dtype of the saved LoRA weights")
-    ap.add_argument("--full-ft-mlp", type=int, default=None, metavar="LAYER",
-                    help="also perturb this layer's MLP in finetuned (a full fine-tune)")
+    ap.add_argument(
+        "--adapter-dtype",
+        default="fp32",
+        choices=sorted(DTYPES),
+        help="dtype of the saved LoRA weights",
+    )
+    ap.add_argument(
+        "--full-ft-mlp",
+        type=int,
+        default=None,
+        metavar="LAYER",
+        help="also perturb this layer's MLP in finetuned (a full fine-tune)",
+    )
     ap.add_argument("--hidden", type=int, default=None, help="force the hidden size")
     ap.add_argument("--layers", type=int, default=None, help="force the layer count")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    make(args.out, parse_size(args.size), DTYPES[args.dtype], parse_size(args.shard_size),
-         args.rank, seed=args.seed, alpha=args.alpha, adapter_dtype=DTYPES[args.adapter_dtype],
-         full_ft_mlp=args.full_ft_mlp, hidden=args.hidden, layers=args.layers, quiet=args.quiet)
+    make(
+        args.out,
+        parse_size(args.size),
+        DTYPES[args.dtype],
+        parse_size(args.shard_size),
+        args.rank,
+        seed=args.seed,
+        alpha=args.alpha,
+        adapter_dtype=DTYPES[args.adapter_dtype],
+        full_ft_mlp=args.full_ft_mlp,
+        hidden=args.hidden,
+        layers=args.layers,
+        quiet=args.quiet,
+    )
     return 0
 
 
