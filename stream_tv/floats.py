@@ -25,10 +25,12 @@ __all__ = [
     "combine_scaled",
     "half_ulp",
     "ldexp",
+    "max_half_ulp",
     "ordered",
     "scaled_dots",
     "scaled_pair",
     "sqrt_of_scaled",
+    "ulp_counts",
     "ulp_distance",
 ]
 
@@ -133,6 +135,79 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     nan_a, nan_b = torch.isnan(a), torch.isnan(b)
     distance.masked_fill_(nan_a & nan_b, 0)
     return distance.masked_fill_(nan_a ^ nan_b, ULP_UNBOUNDED)
+
+
+def ulp_counts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """How many elements of ``a`` and ``b`` are 0 and 1 ulp apart, and the largest distance
+    (0-dim int64 tensors): the reductions of :func:`ulp_distance` (``a``, ``b`` non-empty).
+
+    On CPU for bf16/fp16 the same numbers come for a fraction of the work: rows of 256
+    elements that are bitwise equal (distance 0) are counted without computing a distance,
+    and the others get it in int32 without ``torch.where`` (a block holding a NaN takes
+    :func:`ulp_distance` itself).
+
+    >>> x = torch.tensor([1.0, 1.0, 2.0, -0.0], dtype=torch.bfloat16)
+    >>> y = torch.tensor([1.0, 1.0078125, 2.03125, 0.0], dtype=torch.bfloat16)
+    >>> [int(v) for v in ulp_counts(x, y)]
+    [2, 1, 2]
+    """
+    if a.device.type == "cpu" and a.dtype in _MAGNITUDE_OF_INF and a.numel():
+        return _ulp_counts16(a.reshape(-1), b.reshape(-1))
+    d = ulp_distance(a, b)
+    return torch.count_nonzero(d == 0), torch.count_nonzero(d == 1), d.max()
+
+
+#: 16-bit dtypes: the magnitude bits of their infinity (above it: NaN).
+_MAGNITUDE_OF_INF = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+_ROW = 256
+
+
+def _ulp_counts16(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`ulp_counts` of flat 16-bit CPU tensors: the rows holding a bitwise
+    difference (two fast reductions find them) get distances, the others count as 0."""
+    n = a.numel()
+    full = n - n % _ROW
+    diff = torch.bitwise_xor(a.view(torch.int16), b.view(torch.int16))[:full].view(-1, _ROW)
+    hit = ((diff.amin(1) != 0) | (diff.amax(1) != 0)).nonzero().view(-1)
+    if 2 * hit.numel() * _ROW > full:  # mostly different: every element, no gathers
+        return _dense_counts16(a, b)
+    rows_a, rows_b = a[:full].view(-1, _ROW)[hit].view(-1), b[:full].view(-1, _ROW)[hit].view(-1)
+    some_a, some_b = torch.cat([rows_a, a[full:]]), torch.cat([rows_b, b[full:]])
+    if some_a.numel() == 0:
+        zero = torch.zeros((), dtype=torch.int64)
+        return torch.tensor(n, dtype=torch.int64), zero, zero
+    n0, n1, top = _dense_counts16(some_a, some_b)
+    return n0 + (full - hit.numel() * _ROW), n1, top
+
+
+def _dense_counts16(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`ulp_counts` of flat 16-bit CPU tensors, element by element, in int32."""
+    inf = _MAGNITUDE_OF_INF[a.dtype]
+    ra, rb = a.view(torch.int16).to(torch.int32), b.view(torch.int16).to(torch.int32)
+    ma, mb = ra & 0x7FFF, rb & 0x7FFF  # magnitudes (the int16 view is sign-extended)
+    if max(int(ma.max()), int(mb.max())) > inf:  # a NaN: the reference way
+        d = ulp_distance(a, b)
+        return torch.count_nonzero(d == 0), torch.count_nonzero(d == 1), d.max()
+    # ordered(): the magnitude, negated where the sign bit is set ((r >> 31) | 1 is -1 or 1)
+    ma.mul_(ra.bitwise_right_shift_(31).bitwise_or_(1))
+    mb.mul_(rb.bitwise_right_shift_(31).bitwise_or_(1))
+    d = ma.sub_(mb).abs_()
+    top = d.max().to(torch.int64)
+    # Distances capped at 2: nonzero ones count n1 + n2, their sum n1 + 2 * n2.
+    capped = d.clamp_max_(2)
+    nonzero = torch.count_nonzero(capped)
+    total = capped.sum(dtype=torch.int64)
+    return d.numel() - nonzero, 2 * nonzero - total, top
+
+
+def max_half_ulp(x: torch.Tensor) -> torch.Tensor:
+    """``half_ulp(x).max()`` (0-dim float64) from one reduction: the half ulp grows with
+    the exponent, so the largest is that of the largest magnitude (NaN or inf: inf).
+
+    >>> float(max_half_ulp(torch.tensor([1.0, -3.0, 0.5], dtype=torch.bfloat16)))
+    0.0078125
+    """
+    return half_ulp(x.abs().amax().reshape(1))[0]
 
 
 # -- scaled sums: norms and dot products from 1e-300 to 1e300 --------------------------------

@@ -303,11 +303,14 @@ def _task(src: _Source) -> engine.Task:
             if not has_lora and ops.equal(ft_rows, base_rows):
                 acc.update_zero(ft_rows)  # the common case: an untouched tensor
                 return None
-            t = ops.subtract(
-                ft_rows,
-                base_rows,
-                out=torch.empty(ft_rows.shape, dtype=tv_dtype, device=ft_rows.device),
-            )
+            if has_lora and ft_rows.device.type == "cpu":
+                t = None  # the accumulator computes F - W block by block, in cache
+            else:
+                t = ops.subtract(
+                    ft_rows,
+                    base_rows,
+                    out=torch.empty(ft_rows.shape, dtype=tv_dtype, device=ft_rows.device),
+                )
         else:
             t = x[src.tv].to(tv_dtype, copy=True)
         lora = merged = None

@@ -14,15 +14,16 @@ from stream_tv.floats import (
     EMPTY_EXPONENT,
     add_scaled,
     combine_scaled,
-    half_ulp,
     ldexp,
+    max_half_ulp,
     scaled_dots,
     scaled_pair,
     sqrt_of_scaled,
-    ulp_distance,
+    ulp_counts,
 )
 from stream_tv.ops import blocks, round_to
 
+from . import cpu
 from .record import (
     CHANGED_NOT_LORA,
     LORA_AND_CHANGED,
@@ -36,6 +37,9 @@ __all__ = ["STATS_BLOCK", "TensorAccumulator"]
 
 # Elements per block of the statistics passes on CPU (float64: 1 MiB per operand).
 STATS_BLOCK = 1 << 17
+#: CPU chunks take :mod:`stream_tv.stats.cpu` (same figures, less work); False sends them
+#: through the device path, as on a GPU (the tests compare the two).
+CPU_FIGURES = True
 #: ``ulp_max`` at or above this is reported as unbounded (see ``floats.ULP_UNBOUNDED``).
 _UNBOUNDED_AT = 2.0**62
 
@@ -91,6 +95,16 @@ _STATE = {
     "_exact": "add",  # int64: F bits == merged bits
     "_nonfinite": "add",  # int64: T or L not finite
 }
+#: The dtype of each piece of state that is not float64 (or a scaled pair).
+_FIGURE_DTYPES = {
+    "_changed": torch.bool,
+    "_round_trip": torch.bool,
+    "_ulp0": torch.int64,
+    "_ulp1": torch.int64,
+    "_ulp_max": torch.int64,
+    "_exact": torch.int64,
+    "_nonfinite": torch.int64,
+}
 
 
 def _count_nonfinite(probe: torch.Tensor, *chunks: torch.Tensor) -> torch.Tensor:
@@ -115,7 +129,9 @@ def _lt_block(t: torch.Tensor, lo: torch.Tensor) -> dict[str, torch.Tensor]:
     d.abs_()  # in place: no second temporary
     worst = d.max()
     return {
-        "_changed": torch.any(t != 0),
+        # T has a nonzero (or NaN) element exactly when its sum of squares is not 0 (a
+        # scaled sum: elements whose squares underflow still count)
+        "_changed": tt[0] != 0,
         "_sum_tt": tt,
         "_sum_ll": ll,
         "_dot": lt,
@@ -128,12 +144,8 @@ def _lt_block(t: torch.Tensor, lo: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _ulp_block(f: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
     """Counts of ``f`` at 0 and 1 ulp from ``reference`` (same dtype), and the largest."""
-    distance = ulp_distance(f, reference)
-    return {
-        "_ulp0": torch.count_nonzero(distance == 0),
-        "_ulp1": torch.count_nonzero(distance == 1),
-        "_ulp_max": distance.max(),
-    }
+    zero, one, top = ulp_counts(f, reference)
+    return {"_ulp0": zero, "_ulp1": one, "_ulp_max": top}
 
 
 def _merge_block(
@@ -141,7 +153,7 @@ def _merge_block(
 ) -> dict[str, torch.Tensor]:
     """The rounding figures of a LoRA block: F against the correctly rounded W + L (with W)
     and against our merge (with ``merged``)."""
-    out = {"_max_bound": half_ulp(f).max()}
+    out = {"_max_bound": max_half_ulp(f)}
     if w is not None:
         exact = w.to(torch.float64) + lo  # W + L, in float64
         rounded = round_to(exact, f.dtype)  # correctly rounded, not via float32
@@ -166,7 +178,7 @@ def _plain_block(
         tt = scaled_pair(norm * norm, 0.0)
     else:
         (tt,) = scaled_dots(t)
-    out = {"_changed": torch.any(t != 0), "_sum_tt": tt, "_nonfinite": _count_nonfinite(tt[0], t)}
+    out = {"_changed": tt[0] != 0, "_sum_tt": tt, "_nonfinite": _count_nonfinite(tt[0], t)}
     if f is not None and w is not None:
         w = w.to(f.device)
         reference = round_to(w, f.dtype)  # the correctly rounded round trip of W
@@ -251,18 +263,68 @@ class TensorAccumulator:
     def update(
         self,
         *,
-        tv: torch.Tensor,
+        tv: torch.Tensor | None,
         lora: torch.Tensor | None = None,
         finetuned: torch.Tensor | None = None,
         base: torch.Tensor | None = None,
         merged: torch.Tensor | None = None,
     ) -> None:
-        """Add one chunk. ``lora`` must be float64 (``tv`` is upcast, exactly, if needed)."""
-        self._check_chunk(tv, lora, finetuned, base, merged)
-        n = tv.numel()
+        """Add one chunk. ``lora`` must be float64 (``tv`` is upcast, exactly, if needed).
+
+        ``tv=None`` with ``finetuned`` and ``base``: ``T`` is their exact float64 difference,
+        computed here (on CPU block by block, so that no float64 copy of the chunk is made).
+        """
+        if tv is None:
+            if finetuned is None or base is None:
+                raise MismatchError("tv=None needs the finetuned and base chunks", where=self.name)
+            if not (self.has_lora and CPU_FIGURES and _all_cpu(lora, finetuned, base, merged)):
+                tv = finetuned.to(torch.float64) - base.to(torch.float64)
+        self._check_chunk(finetuned if tv is None else tv, lora, finetuned, base, merged)
+        n = finetuned.numel() if tv is None else tv.numel()
         self._seen += n
         if n == 0:
             return
+        measurable = finetuned is not None and finetuned.dtype in BITS_OF
+        with_base = measurable and base is not None
+        if CPU_FIGURES and _all_cpu(tv, lora, finetuned, base, merged):
+            self._fold_figures(self._cpu_figures(tv, lora, finetuned, base, merged))
+        else:
+            self._fold(self._device_parts(tv, lora, finetuned, base, merged))
+        if self.has_lora:
+            self._bounded += n if measurable else 0
+            self._exact_seen += n if measurable and merged is not None else 0
+        elif finetuned is not None and base is not None and finetuned.dtype != base.dtype:
+            self._tripped += n
+        self._ulp_seen += n if with_base else 0
+
+    def _cpu_figures(self, tv, lora, finetuned, base, merged) -> dict[str, Any]:
+        """The chunk's figures, computed the CPU way (:mod:`stream_tv.stats.cpu`)."""
+        flat = [None if x is None else x.reshape(-1) for x in (finetuned, base, merged)]
+        f, w, m = flat
+        if self.has_lora:
+            if f is None or f.dtype not in BITS_OF:
+                f = w = m = None
+            if tv is None and w is None:
+                tv = finetuned.to(torch.float64) - base.to(torch.float64)
+            t = None if tv is None else tv.reshape(-1).to(torch.float64)
+            return cpu.lora_figures(t, lora.reshape(-1), f, w, m)
+        t = tv if tv.dtype.is_floating_point else tv.to(torch.float64)
+        pair = f is not None and w is not None
+        return cpu.plain_figures(t.reshape(-1), f if pair else None, w if pair else None)
+
+    def _fold_figures(self, figures: dict[str, Any]) -> None:
+        """Add a chunk's Python figures (``cpu``'s) to the state, in each piece's rule."""
+        for attr, value in figures.items():
+            rule = _STATE[attr]
+            if rule == "scaled":
+                value = torch.tensor(value, dtype=torch.float64)
+            else:
+                dtype = _FIGURE_DTYPES.get(attr, torch.float64)
+                value = torch.tensor(value, dtype=dtype)
+            setattr(self, attr, _RULES[rule][1](getattr(self, attr), value))
+
+    def _device_parts(self, tv, lora, finetuned, base, merged) -> dict[str, list[torch.Tensor]]:
+        """The chunk's figures as per-block device tensors (no synchronisation)."""
         measurable = finetuned is not None and finetuned.dtype in BITS_OF
         with_base = measurable and base is not None
         dev = tv.device
@@ -274,14 +336,11 @@ class TensorAccumulator:
                 chunks += [finetuned.to(dev)]
                 chunks += [base.to(dev) if with_base else None]
                 chunks += [merged.to(dev) if merged is not None else None]
-            # L2-sized blocks on CPU: the dozen passes below find their block still in cache.
             for t, lo, *rest in _blocks(chunks):
                 t = t.to(torch.float64)
                 _append(parts, _lt_block(t, lo))
                 if rest:
                     _append(parts, _merge_block(rest[0], rest[1], lo, rest[2]))
-            self._bounded += n if measurable else 0
-            self._exact_seen += n if measurable and merged is not None else 0
         else:
             # The cheap path: no float64 copy of the chunk. vector_norm upcasts per element.
             t = tv if tv.dtype.is_floating_point else tv.to(torch.float64)
@@ -289,10 +348,7 @@ class TensorAccumulator:
             chunks = [t] + ([finetuned.to(dev), base.to(dev)] if pair else [])
             for t_b, *rest in _blocks(chunks):
                 _append(parts, _plain_block(t_b, *(rest or (None, None))))
-            if pair and finetuned.dtype != base.dtype:
-                self._tripped += n
-        self._ulp_seen += n if with_base else 0
-        self._fold(parts)
+        return parts
 
     def update_zero(self, finetuned: torch.Tensor) -> None:
         """Add a chunk whose ``T`` is all zero and that has no LoRA delta: the ``finetuned``
@@ -503,6 +559,10 @@ _LORA_FIGURES = (
     "rounding_floor",
     "bit_exact_merge",
 )
+
+
+def _all_cpu(*chunks: torch.Tensor | None) -> bool:
+    return all(c is None or c.device.type == "cpu" for c in chunks)
 
 
 def _blocks(chunks: list[torch.Tensor | None]):

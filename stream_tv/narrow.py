@@ -1,0 +1,180 @@
+"""Correctly rounded bf16/fp16 results at float32 cost (CPU), bit for bit the reference.
+
+The reference way to round a value to a 16-bit float once is to compute it in float64 and
+round through float32 *to odd* (:func:`round_to_odd32`): float32 keeps enough bits that the
+final rounding is then correct. On CPU that costs a dozen float64 passes per element. The
+paths here round twice the plain way (to float32, then to the 16-bit type) and repair the
+few elements where that can differ.
+
+# subtle: rounding to float32 (nearest) and then to bf16/fp16 (nearest) gives the correctly
+# rounded result unless the float32 value is inexact *and* lies exactly halfway between two
+# 16-bit values. Every 16-bit value and every midpoint between two of them is a float32
+# value, so a nearest float32 on the other side of a midpoint from the exact value cannot
+# exist; only a float32 value *on* a midpoint may be wrong. So the suspects are:
+
+- bf16: float32 values whose low 16 bits are ``0x8000`` (exactly the bf16 midpoints);
+- fp16 from float64: float32 values whose low 12 bits are zero (every fp16 midpoint, normal,
+  subnormal or the overflow threshold 65520, has them; so do a few other values);
+- fp16 from ``f - b`` of 32-bit floats: inexact differences (TwoSum's exact error), since
+  exact differences of fp16 values have their low bits zero far too often for the test above.
+
+Suspects are recomputed the reference way, so every element equals the reference's result
+(``benchmarks/exhaustive_rounding.py`` checks all 2**32 pairs of 16-bit inputs). Locating
+rare suspects with a bool mask would cost several passes per block, so each block only
+writes the minimum (or maximum) of a key over every 256-element row, one fast pass; after
+the last block, only the rows that hold a suspect are recomputed and searched.
+
+>>> import torch
+>>> x = torch.tensor([1 + 2**-8 + 2**-30, 1 + 2**-8], dtype=torch.float64)
+>>> round_from_float64(x, torch.bfloat16).tolist(), x.to(torch.bfloat16).tolist()
+([1.0078125, 1.0], [1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["BLOCK", "ROW", "round_from_float64", "round_to_odd32", "subtract_narrow"]
+
+#: Elements per block: the block's inputs, its float32 scratch and its output stay in L2.
+BLOCK = 1 << 16
+#: Elements per row of the suspect search (a divisor of BLOCK).
+ROW = 256
+
+Parts = Sequence[torch.Tensor]
+_INT32_MIN = -(2**31)
+
+
+def round_to_odd32(x: torch.Tensor) -> torch.Tensor:
+    """float64 ``x`` rounded to float32 *to odd*: truncated toward zero, last bit set where
+    inexact. Then ``.to(bf16/fp16)`` rounds correctly (float32 has more than 2p+2 bits)."""
+    r = x.to(torch.float32)
+    back = r.to(torch.float64)
+    inexact = back != x
+    bits = r.view(torch.int32)
+    # Truncate toward zero where nearest rounding went away from it (sign-magnitude bits:
+    # one less in the integer view is one ulp closer to zero), then set the last bit.
+    bits = torch.where(inexact & (back.abs() > x.abs()), bits - 1, bits)
+    bits = torch.where(inexact, bits | 1, bits)
+    return bits.view(torch.float32)
+
+
+def subtract_narrow(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = f - b`` correctly rounded to ``out``'s dtype (bf16/fp16), as the float64
+    reference rounds it; ``f``, ``b``: bf16, fp16 or fp32 CPU tensors of ``out``'s numel,
+    ``out`` contiguous. Returns ``out``.
+
+    # subtle: bf16 - bf16 into bf16 has no suspects at all. ``f - b`` is inexact in float32
+    # only when the smaller operand's last bit is 2**16 times below the larger's (8-bit
+    # significands: the exact difference needs more than 24 bits), so the smaller is below
+    # 1/256 of the larger's bf16 spacing, and ``s`` stays within that of the larger, a bf16
+    # value, which is at least a quarter spacing from every bf16 midpoint.
+    """
+
+    def value(p: Parts, s: torch.Tensor) -> None:
+        s.copy_(p[0])
+        s.sub_(p[1])  # float32 (the upcasts are exact, inside the kernel): rounded once
+
+    def exact(p: Parts) -> torch.Tensor:
+        return p[0].to(torch.float64).sub_(p[1])
+
+    if out.dtype == torch.bfloat16:
+        if f.dtype == b.dtype == torch.bfloat16:
+            return _rounded(out, [f, b], value, None, exact, lowest=None, scratch=1)
+        return _rounded(out, [f, b], value, _bf16_midpoints, exact, lowest=_INT32_MIN, scratch=1)
+    return _rounded(out, [f, b], value, _inexact_difference, exact, lowest=None, scratch=3)
+
+
+def round_from_float64(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 CPU ``x`` correctly rounded to bf16/fp16 (a new contiguous tensor), the bits
+    of ``round_to_odd32(x).to(dtype)``."""
+    out = torch.empty(x.shape, dtype=dtype)
+
+    def value(p: Parts, s: torch.Tensor) -> None:
+        s.copy_(p[0])
+
+    if dtype == torch.bfloat16:
+        key, lowest = _bf16_midpoints, _INT32_MIN
+    else:
+        key, lowest = _fp16_midpoint_candidates, 0
+    return _rounded(out, [x], value, key, lambda p: p[0], lowest=lowest, scratch=1)
+
+
+def _bf16_midpoints(p: Parts, work: torch.Tensor) -> torch.Tensor:
+    """Key, in place of the float32 values ``work[0]``: the low 16 bits shifted up, the
+    int32 minimum exactly where a value lies halfway between two bf16 values (``0x8000``)."""
+    return work[0].view(torch.int32).bitwise_left_shift_(16)
+
+
+def _fp16_midpoint_candidates(p: Parts, work: torch.Tensor) -> torch.Tensor:
+    """Key, in place of the float32 values ``work[0]``: zero where the low 12 bits are."""
+    return work[0].view(torch.int32).bitwise_and_(0xFFF)
+
+
+def _inexact_difference(p: Parts, work: torch.Tensor) -> torch.Tensor:
+    """Key: ``|(f - b) - s|`` as int32 bits, nonzero where ``s = work[0] = float32(f - b)``
+    is inexact, from TwoSum (Knuth; exact in binary floating point, subnormals included; NaN
+    where ``s`` is not finite, which counts as inexact)."""
+    f, b = p
+    s, t, u = work[0], work[1], work[2]
+    torch.sub(s, f, out=t)  # t = s - f
+    torch.sub(s, t, out=u)  # u = s - t, the part of s that came from f
+    torch.sub(f, u, out=u)  # u = f - u, what of f the sum lost
+    t.add_(b)  # t = (s - f) + b, minus what of -b the sum lost
+    u.sub_(t)  # u = (f - b) - s, exactly
+    return u.abs_().view(torch.int32)  # >= 0 as int32: abs clears the sign of a NaN too
+
+
+def _rounded(
+    out: torch.Tensor,
+    inputs: Parts,
+    value: Callable[[Parts, torch.Tensor], None],
+    key: Callable[[Parts, torch.Tensor], torch.Tensor] | None,
+    exact: Callable[[Parts], torch.Tensor],
+    *,
+    lowest: int | None,
+    scratch: int,
+) -> torch.Tensor:
+    """The shared loop: ``out`` (flat) = ``value`` rounded to ``out.dtype``, block by block,
+    then the suspects set to ``round_to_odd32(exact(...))``. The suspects: where the int32
+    ``key`` equals ``lowest``, which no key value is below; or, with ``lowest=None``, where
+    the key (then >= 0) is not zero; with ``key=None``, nowhere. ``scratch``: the float32
+    rows ``key`` uses."""
+    o = out.view(-1)
+    flat = [x.reshape(-1) for x in inputs]
+    n = o.numel()
+    full = n if key is None else n - n % ROW
+    work = torch.empty((scratch, min(full, BLOCK)), dtype=torch.float32)
+    marks = torch.empty(full // ROW, dtype=torch.int32)
+    reduce = torch.amax if lowest is None else torch.amin
+    for start in range(0, full, BLOCK):
+        stop = min(start + BLOCK, full)
+        parts = [x[start:stop] for x in flat]
+        w = work[:, : stop - start]
+        value(parts, w[0])
+        o[start:stop].copy_(w[0])
+        if key is not None:
+            reduce(key(parts, w).view(-1, ROW), 1, out=marks[start // ROW : stop // ROW])
+    if key is None:
+        return out
+    hit = _suspects(marks, lowest)
+    per_pass = BLOCK // ROW
+    for i in range(0, hit.numel(), per_pass):  # the rows holding a suspect, a block at a time
+        rows = hit[i : i + per_pass]
+        parts = [x[:full].view(-1, ROW)[rows].view(-1) for x in flat]
+        w = torch.empty((scratch, parts[0].numel()), dtype=torch.float32)
+        value(parts, w[0])
+        k = key(parts, w)
+        local = _suspects(k, lowest)
+        idx = rows[local // ROW] * ROW + local % ROW
+        o[idx] = round_to_odd32(exact([x[idx] for x in flat])).to(o.dtype)
+    if full < n:  # the last n % ROW elements: the reference way, all of them
+        o[full:] = round_to_odd32(exact([x[full:] for x in flat])).to(o.dtype)
+    return out
+
+
+def _suspects(key: torch.Tensor, lowest: int | None) -> torch.Tensor:
+    """Flat indices of the suspects among ``key`` (see :func:`_rounded`)."""
+    return ((key != 0) if lowest is None else (key == lowest)).nonzero().view(-1)
