@@ -66,11 +66,12 @@ def subtract_narrow(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torc
     reference rounds it; ``f``, ``b``: bf16, fp16 or fp32 CPU tensors of ``out``'s numel,
     ``out`` contiguous. Returns ``out``.
 
-    # subtle: bf16 - bf16 into bf16 has no suspects at all. ``f - b`` is inexact in float32
-    # only when the smaller operand's last bit is 2**16 times below the larger's (8-bit
-    # significands: the exact difference needs more than 24 bits), so the smaller is below
-    # 1/256 of the larger's bf16 spacing, and ``s`` stays within that of the larger, a bf16
-    # value, which is at least a quarter spacing from every bf16 midpoint.
+    # subtle: two values of the output's own 16-bit type need no repair at all, so torch's
+    # own 16-bit subtraction (float32, then rounded: the same two roundings) is used, one
+    # pass. ``f - b`` is inexact in float32 only when the smaller operand is tiny against
+    # the larger (its last bit 2**16 (bf16) or 2**13 (fp16) times below the larger's), and
+    # then ``s`` lies so close to the larger operand, itself a 16-bit value, that it cannot
+    # be a midpoint. Checked for all 2**32 pairs of each type (exhaustive_rounding.py).
     """
 
     def value(p: Parts, s: torch.Tensor) -> None:
@@ -80,9 +81,9 @@ def subtract_narrow(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torc
     def exact(p: Parts) -> torch.Tensor:
         return p[0].to(torch.float64).sub_(p[1])
 
+    if f.dtype == b.dtype == out.dtype:
+        return torch.sub(f.reshape(out.shape), b.reshape(out.shape), out=out)
     if out.dtype == torch.bfloat16:
-        if f.dtype == b.dtype == torch.bfloat16:
-            return _rounded(out, [f, b], value, None, exact, lowest=None, scratch=1)
         return _rounded(out, [f, b], value, _bf16_midpoints, exact, lowest=_INT32_MIN, scratch=1)
     return _rounded(out, [f, b], value, _inexact_difference, exact, lowest=None, scratch=3)
 
@@ -131,7 +132,7 @@ def _rounded(
     out: torch.Tensor,
     inputs: Parts,
     value: Callable[[Parts, torch.Tensor], None],
-    key: Callable[[Parts, torch.Tensor], torch.Tensor] | None,
+    key: Callable[[Parts, torch.Tensor], torch.Tensor],
     exact: Callable[[Parts], torch.Tensor],
     *,
     lowest: int | None,
@@ -140,12 +141,11 @@ def _rounded(
     """The shared loop: ``out`` (flat) = ``value`` rounded to ``out.dtype``, block by block,
     then the suspects set to ``round_to_odd32(exact(...))``. The suspects: where the int32
     ``key`` equals ``lowest``, which no key value is below; or, with ``lowest=None``, where
-    the key (then >= 0) is not zero; with ``key=None``, nowhere. ``scratch``: the float32
-    rows ``key`` uses."""
+    the key (then >= 0) is not zero. ``scratch``: the float32 rows ``key`` uses."""
     o = out.view(-1)
     flat = [x.reshape(-1) for x in inputs]
     n = o.numel()
-    full = n if key is None else n - n % ROW
+    full = n - n % ROW
     work = torch.empty((scratch, min(full, BLOCK)), dtype=torch.float32)
     marks = torch.empty(full // ROW, dtype=torch.int32)
     reduce = torch.amax if lowest is None else torch.amin
@@ -155,10 +155,7 @@ def _rounded(
         w = work[:, : stop - start]
         value(parts, w[0])
         o[start:stop].copy_(w[0])
-        if key is not None:
-            reduce(key(parts, w).view(-1, ROW), 1, out=marks[start // ROW : stop // ROW])
-    if key is None:
-        return out
+        reduce(key(parts, w).view(-1, ROW), 1, out=marks[start // ROW : stop // ROW])
     hit = _suspects(marks, lowest)
     per_pass = BLOCK // ROW
     for i in range(0, hit.numel(), per_pass):  # the rows holding a suspect, a block at a time

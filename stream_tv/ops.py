@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .narrow import BLOCK as NARROW_BLOCK
 from .narrow import round_from_float64, round_to_odd32, subtract_narrow
 
 
@@ -130,15 +131,22 @@ def add_scaled(
     live = [(tv, scale) for tv, scale in terms if tv is not None and scale != 0]
     scales = [scale for _, scale in live]
     in_place = out.dtype == work and base.data_ptr() != out.data_ptr()
-    for b, o, *tvs in blocks(base, out, *(tv for tv, _ in live)):
-        acc = o.copy_(b) if in_place else b.to(work, copy=True)
+    # One reused scratch block (64 Ki elements on CPU: it, the inputs' and the output's
+    # block stay in L2), not a new tensor per block.
+    size = NARROW_BLOCK
+    scratch = None if in_place else torch.empty(min(out.numel(), size), dtype=work)
+    if scratch is not None and out.device.type != "cpu":  # one block: the whole tensor
+        scratch = torch.empty(out.numel(), dtype=work, device=out.device)
+    for b, o, *tvs in blocks(base, out, *(tv for tv, _ in live), size=size):
+        acc = o.copy_(b) if in_place else scratch[: b.numel()].copy_(b)
         for tv, scale in zip(tvs, scales, strict=True):
             if scale == 1:
                 acc.add_(tv)
             else:
                 acc.add_(tv, alpha=scale)
         if not in_place:
-            o.copy_(round_to(acc, out.dtype))  # float64 -> bf16/fp16: once, not via float32
+            # float64 -> bf16/fp16: rounded once, not via float32 (float32: the same cast)
+            o.copy_(round_to(acc, out.dtype) if acc.dtype == torch.float64 else acc)
     return out
 
 

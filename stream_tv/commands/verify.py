@@ -32,6 +32,7 @@ import torch
 
 from .. import engine, ops
 from ..errors import InputError, ReferenceNotFoundError
+from ..io.checksum import crc32
 from ..io.index import DTYPES, TensorSpec
 from ..io.layout import Layout, parse_crc, read_layout
 from ..io.writer import file_crc
@@ -380,7 +381,7 @@ class _Crc:
         if offset != self.position:
             self.in_order = False
         if self.in_order:
-            self.crc = zlib.crc32(data, self.crc)
+            self.crc = crc32(data, self.crc)
             self.position += len(data)
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import DiskError, OutputError
 from ..units import format_size, parse_size  # noqa: F401  (re-exported: the writer's sizes)
+from .checksum import crc32
 from .index import INDEX_NAME, dtype_name
 from .outdir import (  # noqa: F401  (re-exported: where the writer keeps its state)
     LOCK_FILE,
@@ -284,7 +285,7 @@ class ShardWriter:
         except OSError as e:
             self._abandon(i)
             raise self._disk_error(e, f"writing {shard.layout.name}") from e
-        shard.crc = zlib.crc32(data, shard.crc)
+        shard.crc = crc32(data, shard.crc)
         shard.position = start + len(data)
         shard.expected -= len(data)
         if shard.expected == 0:
@@ -435,5 +436,5 @@ def file_crc(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
         while block := f.read(8 << 20):
-            crc = zlib.crc32(block, crc)
+            crc = crc32(block, crc)
     return crc
