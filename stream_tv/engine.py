@@ -395,7 +395,7 @@ def _compute(pipe: _Pipeline, sessions: contextlib.ExitStack, on_nonfinite: str,
         if step.writes:
             invariant(result is not None, f"task {task.name} returned no rows to write")
             _check_finite(task.name, result, on_nonfinite, stats)
-            host_out, event = _to_host(pipe, result, out_buf, task.out.dtype, out.shape)
+            host_out, event = _to_host(pipe, result, slot, out_buf, task.out.dtype, out.shape)
         if step.last:
             sessions.close()  # the task's session ends with its last chunk
             state = None
@@ -430,8 +430,8 @@ def _to_device(
     return inputs, out
 
 
-def _to_host(pipe: _Pipeline, result: torch.Tensor, out_buf, dtype, shape):
-    """The output rows in the slot's host buffer (and a CUDA event to wait for)."""
+def _to_host(pipe: _Pipeline, result: torch.Tensor, slot: _Slot, out_buf, dtype, shape):
+    """The output rows in host memory the slot owns (and a CUDA event to wait for)."""
     host_out = out_buf.view(dtype).view(shape)
     if pipe.cuda:
         host_out.copy_(result, non_blocking=True)
@@ -439,8 +439,22 @@ def _to_host(pipe: _Pipeline, result: torch.Tensor, out_buf, dtype, shape):
         event.record()
         return host_out, event
     if result.data_ptr() != host_out.data_ptr():
+        if _inside(result, slot.buffer) and result.dtype == dtype and result.shape == shape:
+            # The rows already lie in this slot (an input copied unchanged: merge's and
+            # apply's untouched tensors): the writer takes them from there, no copy. The
+            # slot is freed only after the write.
+            return result, None
         host_out.copy_(result)
     return host_out, None
+
+
+def _inside(t: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """``t`` is contiguous and its bytes lie within ``buffer``'s."""
+    if not t.is_contiguous() or t.device != buffer.device:
+        return False
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
+    first = t.data_ptr()
+    return start <= first and first + t.numel() * t.element_size() <= end
 
 
 @contextlib.contextmanager

@@ -37,7 +37,6 @@ from ..jobs import Job, Outcome, Output, WriteResult, run_job, written
 from ..lora import PRECISIONS, Adapter, MergePlan, TensorMerge
 from ..options import RunOptions
 from ..refs import open_checkpoint
-from .apply import apply_task
 
 AdapterRef = str | os.PathLike
 
@@ -107,7 +106,7 @@ def plan_merge(
     tasks = [
         merge_task(plan.merges[o.key], precision)
         if o.key in plan.merges
-        else apply_task(o.key, o.spec, [], o.dtype)
+        else copy_task(o.key, o.spec, o.dtype)
         for o in plan.outputs
     ]
     provenance: dict[str, object] = {
@@ -150,6 +149,22 @@ def plan_merge(
             *validate.already_merged(b, [(a.reference, a.path) for a in adapters]),
         ],
     )
+
+
+def copy_task(name: str, spec: TensorSpec, dtype: torch.dtype) -> engine.Task:
+    """The task writing a base tensor the adapters leave alone (rounded once to ``dtype``).
+
+    In its own dtype the rows are handed back as read: the engine writes them from the
+    buffer they were read into, without a copy.
+    """
+
+    def compute(chunk: engine.Chunk) -> torch.Tensor:
+        rows = chunk.inputs[0]
+        if rows.dtype == dtype:
+            return rows
+        return chunk.out.copy_(ops.round_to(rows, dtype))
+
+    return engine.Task(name, [spec], compute, out=OutTensor(name, dtype, spec.shape))
 
 
 def merge_task(tm: TensorMerge, precision: str) -> engine.Task:
