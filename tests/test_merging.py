@@ -300,9 +300,9 @@ def test_random_bits_equal_a_pure_python_model_of_the_hash():
 def test_random_keep_fraction_and_independence():
     n = 1 << 20
     index = torch.arange(n)
-    a = M.random_bits(M.stream_key(0, "w", 0), index) < M._keep_threshold(0.3)
-    b = M.random_bits(M.stream_key(0, "w", 1), index) < M._keep_threshold(0.3)
-    c = M.random_bits(M.stream_key(1, "w", 0), index) < M._keep_threshold(0.3)
+    a = M.random_bits(M.stream_key(0, "w", 0), index) < M.keep_threshold(0.3)
+    b = M.random_bits(M.stream_key(0, "w", 1), index) < M.keep_threshold(0.3)
+    c = M.random_bits(M.stream_key(1, "w", 0), index) < M.keep_threshold(0.3)
     sigma = math.sqrt(0.3 * 0.7 / n)
     for m in (a, b, c):
         assert abs(m.double().mean().item() - 0.3) < 5 * sigma
@@ -350,7 +350,7 @@ def test_exact_abs_sum_is_exact_and_independent_of_chunking(dtype):
         ("ties", 2, {"density": [0.5, 1.5]}, "density 1.5 of input 2 is outside (0, 1]"),
         ("dare_ties", 2, {"density": -0.1}, "outside (0, 1]"),
         ("ties", 2, {"weights": [1.0, 2.0, 3.0]}, "3 weights for 2 inputs"),
-        ("ties", 2, {"density": [0.5]}, "1 densitys for 2 inputs"),
+        ("ties", 2, {"density": [0.5]}, "1 densities for 2 inputs"),
         ("ties", 2, {"weights": [1.0, float("nan")]}, "weight nan of input 2 is not finite"),
         ("task_arithmetic", 2, {"density": 0.5}, "task_arithmetic has no density parameter"),
         ("ties", 2, {"gamma": 0.1}, "ties has no gamma parameter"),
