@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_checkpoint
+from conftest import load_tensors, save_checkpoint
 
 from stream_tv.cli import cli
 from stream_tv.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_VERIFY_FAILED
@@ -256,13 +256,21 @@ def made(models, tmp_path):
 
 
 def test_a_model_given_as_a_task_vector_is_refused(made, tmp_path):
+    """A model our index records is a fine-tuned model to apply (its task vector taken on
+    the fly: base + (model - base) is the model again); --kind tv contradicts the index."""
     base, _, _, model = made
-    r = run("apply", base, model, "-o", tmp_path / "doubled", *Q)
+    r = run("apply", base, model, "-o", tmp_path / "again", *Q)
+    assert r.exit_code == 0, r.output
+    assert "inputs: finetuned" in r.stdout
+    got, want = load_tensors(tmp_path / "again"), load_tensors(model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    r = run("apply", base, model, "-o", tmp_path / "doubled", "--kind", "tv", *Q)
     assert r.exit_code == EXIT_BAD_INPUT
-    assert "TV 1 is a model (written by stream-tv apply" in r.stderr and "--force" in r.stderr
-    assert "stream-tv extract BASE MODEL" in r.stderr
+    assert "INPUT 1 is a fine-tuned model (written by stream-tv apply" in r.stderr
+    assert "--force" in r.stderr
     assert not (tmp_path / "doubled").exists()
-    assert run("apply", base, model, "-o", tmp_path / "doubled", *Q, "--force").exit_code == 0
+    r = run("apply", base, model, "-o", tmp_path / "doubled", "--kind", "tv", *Q, "--force")
+    assert r.exit_code == 0
 
 
 def test_a_task_vector_given_as_a_model_is_refused(made, tmp_path):

@@ -5,12 +5,13 @@ Errors raised by the library become one line on stderr and an exit code (see the
 this package imports no torch: ``--help`` is instant, each command imports what it runs.
 
 - :mod:`.base`: the ``stream-tv`` group, error handling, the shared option bundles;
-- :mod:`.write`: the commands that write a checkpoint (``extract``, ``apply``, ``merge``, ...)
-  and ``inspect``;
+- :mod:`.write`: the commands that write a checkpoint (``extract``, ``merge``, ...) and
+  ``inspect``;
+- :mod:`.apply`: ``apply`` (task arithmetic, TIES, DARE, ... of task vectors, models, adapters);
 - :mod:`.analyse`: ``compare``, ``verify``, ``demo``.
 """
 
-from . import analyse, write  # noqa: F401  (each module registers its commands)
+from . import analyse, apply, write  # noqa: F401  (each module registers its commands)
 from .base import cli, main
 
 __all__ = ["cli", "main"]
