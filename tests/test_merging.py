@@ -603,11 +603,21 @@ def _mergekit_python() -> str | None:
     return sys.executable if importlib.util.find_spec("mergekit") else None
 
 
+# CI (.ci/run) sets STREAM_TV_REQUIRE_MERGEKIT=1: there a missing mergekit fails, never skips.
+MERGEKIT_REQUIRED = os.environ.get("STREAM_TV_REQUIRE_MERGEKIT") == "1"
 needs_mergekit = pytest.mark.skipif(
-    _mergekit_python() is None,
+    _mergekit_python() is None and not MERGEKIT_REQUIRED,
     reason="mergekit 0.1.5 not installed (pip install mergekit==0.1.5, or set "
     "STREAM_TV_MERGEKIT_PYTHON to a python that has it)",
 )
+
+
+def mergekit_python() -> str:
+    """The python that has mergekit 0.1.5; a failure (not a skip) where CI requires it."""
+    py = _mergekit_python()
+    if py is None:
+        pytest.fail("STREAM_TV_REQUIRE_MERGEKIT=1 but no mergekit: set STREAM_TV_MERGEKIT_PYTHON")
+    return py
 
 
 def run_mergekit(tmp_path: Path, sets: dict, jobs: list[dict]) -> list[dict]:
@@ -622,7 +632,7 @@ def run_mergekit(tmp_path: Path, sets: dict, jobs: list[dict]) -> list[dict]:
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     subprocess.run(
         [
-            _mergekit_python(),
+            mergekit_python(),
             str(MERGEKIT_TENSORS),
             str(tmp_path / "in.safetensors"),
             str(tmp_path / "out.safetensors"),
@@ -936,7 +946,7 @@ def test_ties_of_three_tiny_llamas_against_mergekit_yaml(tmp_path):
     (tmp_path / "ties.yml").write_text(
         f"merge_method: ties\nbase_model: {dirs[0]}\nmodels:\n{models_yaml}dtype: float32\nout_dtype: bfloat16\n"
     )
-    yaml_cli = Path(_mergekit_python()).parent / "mergekit-yaml"
+    yaml_cli = Path(mergekit_python()).parent / "mergekit-yaml"
     subprocess.run(
         [
             str(yaml_cli),

@@ -103,9 +103,9 @@ def apply_task_vectors(
         method,
         n,
         weights=validate.broadcast(scales, n, "scale", "input"),
-        density=density,
-        gamma=gamma,
-        epsilon=epsilon,
+        density=_one_for_all(density),
+        gamma=_one_for_all(gamma),
+        epsilon=_one_for_all(epsilon),
         lam=lam,
         normalize=normalize,
         rescale=rescale,
@@ -117,6 +117,13 @@ def apply_task_vectors(
         b, inputs, Path(out), spec=spec, dtype=dtype, layouts=layouts, recheck=not options.force
     )
     return run_job(job, options)
+
+
+def _one_for_all(value: float | Sequence[float] | None) -> float | Sequence[float] | None:
+    """One value in a list applies to every input (as ``--scale`` does)."""
+    if value is not None and not isinstance(value, (int, float)) and len(value) == 1:
+        return value[0]
+    return value
 
 
 def plan_apply(
