@@ -293,8 +293,7 @@ def _replan_apply(given, metadata, output, root) -> tuple[Job, str]:
     scales = _numbers(metadata, "scales")
     if len(scales) != len(given.task_vectors):
         raise InputError(
-            f"the output was written from {len(scales)} input(s); "
-            f"{len(given.task_vectors)} given",
+            f"the output was written from {len(scales)} input(s); {len(given.task_vectors)} given",
             hint="pass every input (task vector, model or adapter) as --task-vector, in the "
             "order given to apply",
         )
