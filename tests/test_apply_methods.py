@@ -330,6 +330,11 @@ def test_inputs_of_another_base_are_refused_before_any_data_is_read(llamas, tmp_
         (["--kind", "finetuned"], tmp_path / "b2", "shape mismatch"),
         ([], tmp_path / "l2", "belongs to this base model"),  # an adapter of another base
         (
+            ["--kind", "finetuned"],
+            save_checkpoint(tmp_path / "part", dict(list(llamas["tensors"].items())[1:])),
+            "INPUT 2 (a fine-tuned model) and the base do not have the same float tensors",
+        ),
+        (
             [],
             save_checkpoint(tmp_path / "extra", {"not.in.base": torch.zeros(3)}),
             "not in the base",

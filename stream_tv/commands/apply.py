@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import engine, ops, validate
-from ..errors import InputError
+from ..errors import InputError, MismatchError
 from ..io.index import Checkpoint, TensorSpec
 from ..io.writer import OutTensor
 from ..jobs import Job, Outcome, Output, WriteResult, run_job, written
@@ -221,7 +221,16 @@ def _check_inputs(
             validate.shapes(b, c, list(c.tensors))
             validate.floats(c, list(c.tensors), also=b)
             continue
-        names, _ = validate.key_sets(b, c, allow_missing=False, other_label="fine-tuned model")
+        names, missing = validate.key_sets(b, c, allow_missing=True, other_label="model")
+        if [n for n in missing if n in c or b[n].is_float]:
+            ex = ", ".join(missing[:3])
+            raise MismatchError(
+                f"INPUT {i + 1} (a fine-tuned model) and the base do not have the same float "
+                f"tensors ({len(missing)} in one of them only, e.g. {ex})",
+                where=c.reference,
+                hint="is it a fine-tuned model of this base? A task vector of some tensors "
+                "only is an input of --kind tv",
+            )
         validate.shapes(b, c, names)
         validate.same_kind(b, c, names)
         refs = (b.reference, c.reference)

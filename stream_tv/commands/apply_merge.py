@@ -57,6 +57,13 @@ def bind_adapter(
 
     merges = bind_all([ad], [1.0], b, layouts=layouts).by_base_name()
     for name, tm in merges.items():
+        if tm.spec is not None and tm.spec.name != name:
+            raise MismatchError(
+                f"INPUT {index + 1} (an adapter) changes {name!r} from the base's "
+                f"{tm.spec.name!r}: apply writes each base tensor under its own name",
+                where=ad.reference,
+                hint="merge it with stream-tv merge",
+            )
         if name not in b or tuple(tm.shape) != b[name].shape:
             have = f"{list(b[name].shape)} in the base" if name in b else "not in the base"
             raise MismatchError(
