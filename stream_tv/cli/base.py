@@ -85,7 +85,8 @@ _FORCE_OPTION = click.option(
     "--force",
     is_flag=True,
     help="Use an input as given even where its index (written by stream-tv) says it is the "
-    "wrong kind: a model given as a task vector, an adapter merged in already.",
+    "wrong kind: a model given as a task vector, an adapter merged in already (apply: or "
+    "where its values say so).",
 )
 
 
