@@ -39,10 +39,18 @@ def main(argv: list[str] | None = None) -> None:
 
     if main_thread:
         signal.signal(signal.SIGINT, _interrupt)
+    code: int | str | None = 0
     try:
-        cli.main(args=argv, prog_name="stream-tv")
-    except SystemExit as e:
-        if _interrupted and e.code in (None, 0, 1):  # 1: click's "Aborted!" while parsing
-            sys.stderr.write("interrupted: rerun the same command to resume\n")
-            raise SystemExit(EXIT_INTERRUPTED) from None
-        raise
+        try:
+            cli.main(args=argv, prog_name="stream-tv")
+        except SystemExit as e:
+            code = e.code
+    except KeyboardInterrupt:  # landed between the command's end and here
+        code = EXIT_INTERRUPTED
+    finally:
+        if main_thread:  # the work is over: a later Ctrl-C changes nothing (nor kills the exit)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _interrupted and code in (None, 0, 1):  # 1: click's "Aborted!" while parsing
+        sys.stderr.write("interrupted: rerun the same command to resume\n")
+        code = EXIT_INTERRUPTED
+    sys.exit(code)

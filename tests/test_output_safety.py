@@ -302,9 +302,13 @@ def test_ctrl_c_at_any_moment_is_exit_130_without_traceback(models, tmp_path, de
     if p.poll() is not None:
         pytest.skip(f"the run finished within {delay} s")
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == EXIT_INTERRUPTED, err
-    assert b"Traceback" not in err and b"interrupted" in err
+    out, err = p.communicate(timeout=60)
+    assert b"Traceback" not in err
+    if b"task vector (F32)" in out:  # it had finished its work when the signal came
+        assert p.returncode in (0, EXIT_INTERRUPTED), (p.returncode, err)
+        return
+    assert p.returncode == EXIT_INTERRUPTED, (p.returncode, err)
+    assert b"interrupted" in err
 
 
 def test_a_resume_after_an_input_changed_with_size_and_mtime_kept_is_refused(tmp_path, monkeypatch):

@@ -32,6 +32,9 @@ from .index import INDEX_NAME
 STATE_DIR = ".stream-tv"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
+# Index metadata key: {shard file name: "crc32:<8 hex digits>"}, the crc32 of each whole
+# shard file as written; `stream-tv verify` checks it.
+CHECKSUMS_KEY = "stream_tv_checksums"
 SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _TEMP_RE = re.compile(r"^\.(model-\d{5}-of-\d{5}\.safetensors\.partial|.+\.tmp(\.\w+)?)$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
