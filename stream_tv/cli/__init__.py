@@ -10,7 +10,14 @@ this package imports no torch: ``--help`` is instant, each command imports what 
 - :mod:`.analyse`: ``compare``, ``verify``, ``demo``.
 """
 
-from . import analyse, write  # noqa: F401  (each module registers its commands)
-from .base import cli, main
+import sys
+
+if sys.argv[:1] == ["-m"]:  # `python -m stream_tv.cli`: Ctrl-C is ours from here on, since
+    from ..console import handle_sigint  # this package imports before its __main__ runs
+
+    handle_sigint()
+
+from . import analyse, write  # noqa: E402, F401  (each module registers its commands)
+from .base import cli, main  # noqa: E402
 
 __all__ = ["cli", "main"]
