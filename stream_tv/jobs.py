@@ -51,6 +51,7 @@ from .io.writer import (
     check_output_location,
     copy_side_files,
 )
+from .jsonutil import json_safe
 from .options import RunOptions
 from .units import format_size
 
@@ -69,8 +70,8 @@ SIDE_FILES = (
     "vocab.json",
     "merges.txt",
     "vocab.txt",
-    "chat_template.jinja",
     "chat_template.json",
+    "*.jinja",  # chat templates (chat_template.jinja and others)
 )
 
 
@@ -222,7 +223,7 @@ def _write(
         copy_side_files(out.side_files_from, out.path, out.side_files or SIDE_FILES)
         if out.config_updates:
             update_config(out.path, out.config_updates)
-        writer.finish({k: v if isinstance(v, str) else _json_value(v) for k, v in metadata.items()})
+        writer.finish(json_safe(metadata))
     except Interrupted as e:
         writer.abort()
         raise Interrupted(
@@ -265,16 +266,6 @@ def _check_free_space(out: Path, plan: OutputPlan, completed: dict[int, int]) ->
             where=str(out),
             hint="free space or choose another output directory; --no-space-check writes anyway",
         )
-
-
-def _json_value(v: object) -> object:
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _json_value(x) for k, x in v.items()}
-    if isinstance(v, (int, float, bool)) or v is None:
-        return v
-    return str(v)
 
 
 def _paths_of(src: Any) -> list[Path]:

@@ -347,3 +347,37 @@ def test_a_resume_after_an_input_changed_with_size_and_mtime_kept_is_refused(tmp
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     r = run("extract", tmp_path / "base", tmp_path / "ft", "-o", out, *opts)
     assert r.exit_code == EXIT_BAD_INPUT and "unfinished run of a different command" in r.stderr
+
+
+def test_apply_with_another_dtype_says_so_in_the_config(tmp_path):
+    """apply --dtype fp32 on a bf16 base: from_pretrained(dtype='auto') must load float32."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 4, generator=g).to(torch.bfloat16)}
+    save_checkpoint(tmp_path / "base", base)
+    (tmp_path / "base" / "config.json").write_text(
+        json.dumps({"model_type": "llama", "torch_dtype": "bfloat16", "vocab_size": 8})
+    )
+    save_checkpoint(tmp_path / "tv", {"w": torch.full((4, 4), 1e-3)})
+    out = tmp_path / "out"
+    assert (
+        run("apply", tmp_path / "base", tmp_path / "tv", "-o", out, *Q, "--dtype", "fp32").exit_code
+        == 0
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "float32" and config["vocab_size"] == 8
+    r = run("verify", out, "-q", "--base", tmp_path / "base", "--task-vector", tmp_path / "tv")
+    assert r.exit_code == 0, r.output
+    assert (
+        run("apply", tmp_path / "base", tmp_path / "tv", "-o", tmp_path / "same", *Q).exit_code == 0
+    )
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_chat_templates_are_copied_with_the_model(models, tmp_path):
+    base, ft = models
+    (base / "chat_template.jinja").write_text("{{ messages }}")
+    (base / "tool_use.jinja").write_text("{{ tools }}")
+    out = tmp_path / "m"
+    assert run("apply", base, ft, "-o", out, *Q, "--force").exit_code == 0
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert (out / "tool_use.jinja").read_text() == "{{ tools }}"

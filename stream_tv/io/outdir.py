@@ -230,6 +230,9 @@ def copy_side_files(
     if src is None or not src.is_dir():
         return copied
     renames = dict(names) if isinstance(names, Mapping) else {n: n for n in names}
+    for pattern in [n for n in renames if "*" in n]:  # e.g. "*.jinja": every chat template
+        del renames[pattern]
+        renames.update({p.name: p.name for p in sorted(src.glob(pattern)) if "/" not in p.name})
     d = OutputDir(out)
     for name, written in renames.items():
         p = src / name
