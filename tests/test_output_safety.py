@@ -381,3 +381,24 @@ def test_chat_templates_are_copied_with_the_model(models, tmp_path):
     assert run("apply", base, ft, "-o", out, *Q, "--force").exit_code == 0
     assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
     assert (out / "tool_use.jinja").read_text() == "{{ tools }}"
+
+
+def test_the_nan_policy_is_part_of_the_resume_fingerprint(tmp_path):
+    """apply --on-nonfinite ignore, interrupted, then rerun under the default (error): not a
+    resume (that would finish with NaN under a policy that forbids them)."""
+    g = torch.Generator().manual_seed(2)
+    base = {f"t{i}": torch.randn(64, 64, generator=g) for i in range(4)}
+    save_checkpoint(tmp_path / "base", base)
+    tv = {k: torch.zeros_like(v) for k, v in base.items()}
+    tv["t3"][0, 0] = float("nan")  # in the last shard
+    save_checkpoint(tmp_path / "tv", tv)
+    out = tmp_path / "out"
+    opts = [*Q, "--max-shard-size", "20KB"]
+    args = ("apply", tmp_path / "base", tmp_path / "tv", "-o", out, *opts)
+    r = run(*args)  # the default policy refuses the NaN: shards 1-3 kept, not finished
+    assert r.exit_code == EXIT_BAD_INPUT and "NaN/Inf" in r.stderr
+    assert len(list(out.glob("model-*.safetensors"))) == 3 and not (out / INDEX).exists()
+    r = run(*args, "--on-nonfinite", "warn")  # another policy: another run
+    assert r.exit_code == EXIT_BAD_INPUT and "unfinished run of a different command" in r.stderr
+    r = run(*args, "--on-nonfinite", "warn", "--restart")
+    assert r.exit_code == 0 and "warning: 1 NaN/Inf value(s) in t3" in r.stderr, r.output
