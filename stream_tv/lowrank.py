@@ -522,27 +522,9 @@ def peft_lora_tensors(
     >>> sorted(peft_lora_tensors("embedding", U, S, V, weight_shape=(3, 2)))
     ['lora_embedding_A', 'lora_embedding_B']
     """
-    if kind not in LAYER_KINDS:
-        raise InputError(f"unknown layer kind {kind!r}", hint=f"one of {', '.join(LAYER_KINDS)}")
-    if split not in _SPLITS:
-        raise InputError(f"unknown split {split!r}", hint=f"one of {', '.join(_SPLITS)}")
-    shape = tuple(weight_shape)
-    rows, cols = shape[0], math.prod(shape[1:])
-    r = S.shape[0]
-    if kind == "conv2d" and len(shape) != 4 or kind != "conv2d" and len(shape) != 2:
-        raise InputError(f"a {kind} weight cannot have shape {shape}")
-    if U.shape != (rows, r) or V.shape != (cols, r):
-        raise InputError(
-            f"factors U {tuple(U.shape)}, S ({r},), V {tuple(V.shape)} do not factor a weight "
-            f"of shape {shape} ({rows} x {cols})"
-        )
-    s = S.to(device=U.device, dtype=torch.float64)
-    if split == "sqrt":
-        sa = sb = s.sqrt()
-    elif split == "A":
-        sa, sb = s, torch.ones_like(s)
-    else:
-        sa, sb = torch.ones_like(s), s
+    shape = _check_factors(kind, split, tuple(weight_shape), U, S, V)
+    rows, r = shape[0], S.shape[0]
+    sa, sb = _split_scale(S.to(device=U.device, dtype=torch.float64), split)
     u, v = U.to(torch.float64), V.to(torch.float64)
 
     def out(x: torch.Tensor) -> torch.Tensor:
@@ -560,6 +542,32 @@ def peft_lora_tensors(
     if kind == "embedding":
         return {"lora_embedding_A": out(a), "lora_embedding_B": out(b)}
     return {"lora_A.weight": out(a), "lora_B.weight": out(b)}
+
+
+def _check_factors(kind: str, split: str, shape: tuple[int, ...], U, S, V) -> tuple[int, ...]:
+    """``shape``, once ``kind``, ``split`` and the factors' shapes are checked for it."""
+    if kind not in LAYER_KINDS:
+        raise InputError(f"unknown layer kind {kind!r}", hint=f"one of {', '.join(LAYER_KINDS)}")
+    if split not in _SPLITS:
+        raise InputError(f"unknown split {split!r}", hint=f"one of {', '.join(_SPLITS)}")
+    rows, cols, r = shape[0], math.prod(shape[1:]), S.shape[0]
+    if kind == "conv2d" and len(shape) != 4 or kind != "conv2d" and len(shape) != 2:
+        raise InputError(f"a {kind} weight cannot have shape {shape}")
+    if U.shape != (rows, r) or V.shape != (cols, r):
+        raise InputError(
+            f"factors U {tuple(U.shape)}, S ({r},), V {tuple(V.shape)} do not factor a weight "
+            f"of shape {shape} ({rows} x {cols})"
+        )
+    return shape
+
+
+def _split_scale(s: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S^a, S^b)`` with ``S^a S^b = S`` for ``split`` (see :func:`peft_lora_tensors`)."""
+    if split == "sqrt":
+        return s.sqrt(), s.sqrt()
+    if split == "A":
+        return s, torch.ones_like(s)
+    return torch.ones_like(s), s
 
 
 def lora_rank_config(ranks: Mapping[str, int]) -> dict[str, Any]:
