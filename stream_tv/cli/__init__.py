@@ -7,10 +7,11 @@ this package imports no torch: ``--help`` is instant, each command imports what 
 - :mod:`.base`: the ``stream-tv`` group, error handling, the shared option bundles;
 - :mod:`.write`: the commands that write a checkpoint (``extract``, ``apply``, ``merge``, ...)
   and ``inspect``;
-- :mod:`.analyse`: ``compare``, ``verify``, ``demo``.
+- :mod:`.analyse`: ``compare``, ``verify``, ``demo``;
+- :mod:`.extract_lora`: ``extract-lora``.
 """
 
-from . import analyse, write  # noqa: F401  (each module registers its commands)
+from . import analyse, extract_lora, write  # noqa: F401  (each module registers its commands)
 from .base import cli, main
 
 __all__ = ["cli", "main"]
