@@ -57,7 +57,7 @@ from .base import cli, dtype_option, run_options
 @click.option(
     "--oversample",
     type=int,
-    help="Extra sketch columns beyond the rank [default: max(8, 2 x rank)].",
+    help="Extra sketch columns beyond the rank [default: max(64, 2 x rank)].",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sketch.")
 @click.option(

@@ -71,7 +71,7 @@ class LowRankSettings:
     Exactly one of ``rank`` (one rank for all) and ``energy`` (per tensor the smallest rank
     keeping that fraction of ``||T||_F^2``, at most ``max_rank``, default 64); neither gives
     ``rank=16``. ``power_iters``, ``oversample``, ``seed``: see
-    :class:`~stream_tv.lowrank.StreamedSVD` (oversample ``None``: ``max(8, 2 * rank)``).
+    :class:`~stream_tv.lowrank.StreamedSVD` (oversample ``None``: ``max(64, 2 * rank)``).
     ``dtype``: of the factors (default: the fine-tuned tensor's).
     """
 
@@ -427,7 +427,9 @@ def _builder(b, f, targets: Targets, ext: Extraction, settings: LowRankSettings)
                 "every factorised difference is zero (only signed zeros differ): no LoRA to write"
             )
         layout.update(ext.saved)
-        config = adapter_config(b.reference, targets, ext, ranks, conv1d=kinds == {"conv1d"})
+        config = adapter_config(
+            b.reference, targets, ext, ranks, conv1d=kinds - {"embedding"} == {"conv1d"}
+        )
         meta = {"stream_tv_version": __version__, "operation": "extract-lora"}
         meta.update(base=b.reference, finetuned=f.reference)
         meta.update({k: str(v) for k, v in settings.describe().items() if v is not None})
@@ -506,9 +508,20 @@ def _report(b, f, out, targets: Targets, ext: Extraction, settings, outcome: Out
         saved=saved,
         left_out=dict(ext.left_out),
         unchanged=list(ext.unchanged),
+        notes=[
+            f"{r.module} is tied to {', '.join(_module_of(t) for t in r.tied)}: its LoRA reaches "
+            "the tied module only once merged (merge_and_unload, stream-tv merge), as PEFT warns; "
+            "--embeddings full saves them whole instead"
+            for r in ext.lora
+            if r.tied
+        ],
         bytes_read=outcome.bytes_read,
         seconds=outcome.seconds,
     )
+
+
+def _module_of(param: str) -> str:
+    return param.rpartition(".")[0]
 
 
 def _why_whole(facts, module: str, roles: list[Role]) -> str:

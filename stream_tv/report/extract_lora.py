@@ -99,6 +99,7 @@ class ExtractLoraReport:
     saved: list[dict[str, str]] = field(default_factory=list)  # saved whole: name, module, why
     left_out: dict[str, str] = field(default_factory=dict)  # changed, not in the adapter: why
     unchanged: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a user of the adapter must know
     adapter_bytes: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
@@ -133,6 +134,7 @@ class ExtractLoraReport:
             "saved_whole": self.saved,
             "left_out": self.left_out,
             "unchanged": self.unchanged,
+            "notes": self.notes,
             "adapter_bytes": self.adapter_bytes,
             "bytes_read": self.bytes_read,
             "seconds": self.seconds,
@@ -181,6 +183,7 @@ class ExtractLoraReport:
                 f"for {s['tensor_parameters']:,} ({ratio:.1f}x smaller)"
             )
         lines.append(f"{len(self.unchanged)} tensor(s) unchanged, left out")
+        lines += [f"note: {n}" for n in self.notes]
         where = (
             f"-> {self.adapter} ({format_size(self.adapter_bytes)})"
             if self.adapter
