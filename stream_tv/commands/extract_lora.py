@@ -169,8 +169,12 @@ def extract_lora(
     settings = LowRankSettings(rank, energy, max_rank, power_iters, oversample, seed, dtype)
     b, f = open_checkpoint(base), open_checkpoint(finetuned)
     targets = targets_of(b, f, target_modules=target_modules, embeddings=embeddings, other=other)
-    names = list(targets.roles) + targets.non_float
+    names = list(targets.roles) + [n for n in targets.non_float if n in f]
     scan = plan_change_scan(b, f, names, prefix_bytes=SCAN_PREFIX_BYTES)
+    scan.doubts = [  # refused before any data is read, unless --force
+        *validate.provenance(b, expected="model", given_as="BASE"),
+        *validate.provenance(f, expected="model", given_as="FINETUNED"),
+    ]
     if not dry_run:
         if out is None:
             raise InputError("no output directory given", hint="-o ADAPTER, or --dry-run")
@@ -191,11 +195,6 @@ def targets_of(b: Checkpoint, f: Checkpoint, **choices: Any) -> Targets:
     names, _ = validate.key_sets(b, f, allow_missing=False, other_label="fine-tuned model")
     validate.shapes(b, f, names)
     validate.same_kind(b, f, names)
-    for doubt in [
-        *validate.provenance(b, expected="model", given_as="BASE"),
-        *validate.provenance(f, expected="model", given_as="FINETUNED"),
-    ]:
-        raise doubt
     facts = read_model_facts(b, config=read_config(b))
     if not facts:
         raise InputError(
@@ -225,13 +224,10 @@ def plan_change_scan(
     b: Checkpoint, f: Checkpoint, names: Sequence[str], *, prefix_bytes: int | None = None
 ) -> Job[set[str]]:
     """The job finding which of ``names`` differ (in their first ``prefix_bytes``, if given)."""
-    differs: set[str] = set()
+    differs = {n for n in names if b[n].dtype != f[n].dtype}  # every value is another one
 
     def task(name: str) -> engine.Task:
         x, y = b[name], f[name]
-        if x.dtype != y.dtype:
-            differs.add(name)
-            return engine.Task(name, [], lambda chunk: None)
         if prefix_bytes is not None:
             x, y = head_of(x, prefix_bytes), head_of(y, prefix_bytes)
 
@@ -243,7 +239,7 @@ def plan_change_scan(
 
     return Job(
         "scan",
-        [task(n) for n in names],
+        [task(n) for n in names if n not in differs],
         lambda _: set(differs),
         sources=[b, f],
         description="scanning",
