@@ -528,4 +528,4 @@ def _why_whole(facts, module: str, roles: list[Role]) -> str:
         return "--embeddings full"
     fact = facts.modules.get(module)
     cls = fact.cls.rpartition(".")[2] if fact is not None else kind
-    return f"a {cls}: a LoRA holds Linear, Conv1D and Embedding weights only"
+    return f"{cls}: not a Linear, Conv1D or Embedding"

@@ -112,7 +112,7 @@ class ExtractLoraReport:
     def by(self, attr: str) -> dict[str, dict[str, Any]]:
         groups: dict[str, list[TensorFigures]] = {}
         for t in self.tensors:
-            groups.setdefault(getattr(t, attr) or "-", []).append(t)
+            groups.setdefault(getattr(t, attr) or "(no layer)", []).append(t)
         return {k: summarize(v) for k, v in groups.items()}
 
     def to_dict(self) -> dict[str, Any]:
