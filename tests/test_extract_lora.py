@@ -472,6 +472,16 @@ def test_an_unrelated_model_gives_one_message(planted, tmp_path):
     assert not (tmp_path / "ad").exists()
 
 
+def test_a_task_vector_given_as_a_model_is_refused_before_any_read(planted, tmp_path):
+    tv = tmp_path / "tv"
+    stream_tv.extract_task_vector(planted / "base", planted / "ft", tv, options=CPU)
+    for name in ("config.json",):  # a task vector keeps it as base_config.json
+        (tv / name).write_bytes((planted / "base" / name).read_bytes())
+    r = run("extract-lora", planted / "base", tv, "-o", tmp_path / "ad", "--device", "cpu")
+    assert r.exit_code == 2 and "FINETUNED is a task vector" in r.stderr, r.stderr
+    assert "--force" in r.stderr and not (tmp_path / "ad").exists()
+
+
 def test_no_model_definition_is_refused_not_guessed(planted, tmp_path):
     base = tmp_path / "base"
     base.mkdir()

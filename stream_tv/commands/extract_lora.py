@@ -28,6 +28,7 @@ import contextlib
 import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -165,6 +166,7 @@ def extract_lora(
     read. ``dry_run``: the report only, no adapter (``out`` may be ``None``). Everything that
     headers can tell is checked first; the adapter is never half-written.
     """
+    t0 = time.perf_counter()
     options = options or RunOptions()
     settings = LowRankSettings(rank, energy, max_rank, power_iters, oversample, seed, dtype)
     b, f = open_checkpoint(base), open_checkpoint(finetuned)
@@ -181,10 +183,13 @@ def extract_lora(
         check_output(Path(out), scan.inputs)  # before the scan reads any data
     if report is not None:
         check_output_file(Path(report), scan.inputs, flag="--report")
-    changed = changed_tensors(b, f, names, scan, options)
+    changed, scanned = changed_tensors(b, f, names, scan, options)
     ext = decide(targets, changed)
     job = plan_extract_lora(b, f, None if dry_run else Path(out), targets, ext, settings)
     result = run_job(job, options)
+    result.bytes_read += scanned
+    result.seconds = result.report.seconds = time.perf_counter() - t0
+    result.report.bytes_read = result.bytes_read
     if report is not None:
         write_file(Path(report), result.report.to_json().encode())
     return result
@@ -210,20 +215,24 @@ def targets_of(b: Checkpoint, f: Checkpoint, **choices: Any) -> Targets:
 
 
 def changed_tensors(
-    b: Checkpoint, f: Checkpoint, names: Sequence[str], scan: Job[set[str]], options: RunOptions
-) -> set[str]:
-    """The names whose bytes differ between the models: ``scan`` (:func:`plan_change_scan` of
-    the first MiB of each tensor: a changed tensor almost always shows it there) first, then
-    the whole of those still equal."""
-    heads = run_job(scan, options)
+    b: Checkpoint, f: Checkpoint, names: Sequence[str], scan: Job, options: RunOptions
+) -> tuple[set[str], int]:
+    """The names whose bytes differ between the models, and the bytes read to tell: ``scan``
+    (:func:`plan_change_scan` of the first MiB of each tensor: a changed tensor almost always
+    shows it there) first, then the whole of those still equal."""
+    heads, nbytes = run_job(scan, options)
     rest = [n for n in names if n not in heads and b[n].nbytes > SCAN_PREFIX_BYTES]
-    return heads | (run_job(plan_change_scan(b, f, rest), options) if rest else set())
+    if not rest:
+        return heads, nbytes
+    more, more_bytes = run_job(plan_change_scan(b, f, rest), options)
+    return heads | more, nbytes + more_bytes
 
 
 def plan_change_scan(
     b: Checkpoint, f: Checkpoint, names: Sequence[str], *, prefix_bytes: int | None = None
-) -> Job[set[str]]:
-    """The job finding which of ``names`` differ (in their first ``prefix_bytes``, if given)."""
+) -> Job[tuple[set[str], int]]:
+    """The job finding which of ``names`` differ (in their first ``prefix_bytes``, if given),
+    and the bytes it read."""
     differs = {n for n in names if b[n].dtype != f[n].dtype}  # every value is another one
 
     def task(name: str) -> engine.Task:
@@ -240,7 +249,7 @@ def plan_change_scan(
     return Job(
         "scan",
         [task(n) for n in names if n not in differs],
-        lambda _: set(differs),
+        lambda outcome: (set(differs), outcome.bytes_read),
         sources=[b, f],
         description="scanning",
     )
@@ -281,7 +290,8 @@ def plan_extract_lora(
             where=f"{b.reference} vs {f.reference}",
             hint="check --target-modules and --embeddings; stream-tv extract writes any change",
         )
-    saving = sorted(set(ext.saved.values()), key=list(b.tensors).index) if out else []
+    order = {k: i for i, k in enumerate(b.tensors)}
+    saving = sorted(set(ext.saved.values()), key=order.__getitem__) if out else []
     expected = [OutTensor(k, f[k].dtype, f[k].shape) for k in saving]
     output = None
     if out is not None:
@@ -289,7 +299,6 @@ def plan_extract_lora(
         estimate = estimate * 8 + sum(f[k].nbytes for k in ext.saved.values())
         build = _builder(b, f, targets, ext, settings)
         output = AdapterOutput(out, build, expected=expected, estimate=estimate)
-    order = {k: i for i, k in enumerate(b.tensors)}
     tasks = [svd_task(r, b[r.key], f[r.key], settings, output) for r in ext.lora]
     tasks += [copy_task(f[t.name]) for t in expected]
     tasks.sort(key=lambda t: order[t.name])
