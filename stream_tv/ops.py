@@ -57,7 +57,9 @@ def blocks(*tensors: torch.Tensor, size: int = CPU_BLOCK) -> Iterator[tuple[torc
         yield tuple(t[i : i + step] for t in flat)
 
 
-def subtract(finetuned: torch.Tensor, base: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+def subtract(
+    finetuned: torch.Tensor, base: torch.Tensor, *, out: torch.Tensor
+) -> torch.Tensor:
     """``out = finetuned - base``, correctly rounded to ``out.dtype``; returns ``out``."""
     work = compute_dtype(out.dtype, finetuned.dtype, base.dtype)
     for f, b, o in blocks(finetuned, base, out):
