@@ -7,7 +7,8 @@ this package imports no torch: ``--help`` is instant, each command imports what 
 - :mod:`.base`: the ``stream-tv`` group, error handling, the shared option bundles;
 - :mod:`.write`: the commands that write a checkpoint (``extract``, ``apply``, ``merge``, ...)
   and ``inspect``;
-- :mod:`.analyse`: ``compare``, ``verify``, ``demo``.
+- :mod:`.analyse`: ``compare``, ``verify``, ``demo``;
+- :mod:`.extract_lora`: ``extract-lora``.
 """
 
 import sys
@@ -17,7 +18,7 @@ if sys.argv[:1] == ["-m"]:  # `python -m stream_tv.cli`: Ctrl-C is ours from her
 
     handle_sigint()
 
-from . import analyse, write  # noqa: E402, F401  (each module registers its commands)
+from . import analyse, extract_lora, write  # noqa: E402, F401  (each module registers its commands)
 from .base import cli, main  # noqa: E402
 
 __all__ = ["cli", "main"]
