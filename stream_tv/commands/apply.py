@@ -28,7 +28,7 @@ import torch
 
 from .. import engine, ops, validate
 from ..errors import InputError, MismatchError
-from ..io.index import Checkpoint, TensorSpec
+from ..io.index import MAX_INDEX_BYTES, Checkpoint, TensorSpec, read_json
 from ..io.writer import OutTensor
 from ..jobs import Job, Outcome, Output, WriteResult, run_job, written
 from ..lora import Adapter
@@ -191,7 +191,13 @@ def plan_apply(
         result,
         sources=[b, *(x.source for x in xs)],
         checks=checks,
-        output=Output(out, "apply", provenance, side_files_from=b.root),
+        output=Output(
+            out,
+            "apply",
+            provenance,
+            side_files_from=b.root,
+            config_updates=_dtype_updates(b, dtype),
+        ),
         doubts=doubts,
         description="apply" if linear else f"apply ({spec.method.name})",
     )
@@ -293,6 +299,17 @@ def replan_apply(
     return plan_apply(
         b, xs, out, spec=spec, dtype=dtype, layouts=recorded_layouts(metadata), recheck=False
     )
+
+
+def _dtype_updates(b: Checkpoint, dtype: torch.dtype | None) -> dict[str, object]:
+    """With ``--dtype``, the copied config.json says the dtype written (else
+    ``from_pretrained(dtype="auto")`` would load float32 weights as the base's bfloat16)."""
+    path = b.root / "config.json" if b.root is not None else None
+    if dtype is None or path is None or not path.is_file():
+        return {}
+    config, _ = read_json(path, what="config.json", limit=MAX_INDEX_BYTES)
+    keys = [k for k in ("dtype", "torch_dtype") if isinstance(config, dict) and k in config]
+    return dict.fromkeys(keys, str(dtype).removeprefix("torch."))
 
 
 def apply_task(
