@@ -741,7 +741,12 @@ def hook_plans(
         }
 
         def fill(argv: list[str], subst: dict = subst) -> list[str]:
-            return [subst.get(a, a) for a in argv]
+            out = []
+            for a in argv:  # a placeholder may be part of an argument: {mergekit_venv}/bin/...
+                for k, v in subst.items():
+                    a = a.replace(k, v)
+                out.append(a)
+            return out
 
         in_files = [p for d in s["inputs"] for p in files_of(d)]
         avail = hook_command_available(args, s["stream_tv"], HOOKS[op][1])

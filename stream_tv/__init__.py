@@ -6,6 +6,7 @@ options every streaming command shares::
     import stream_tv
     opts = stream_tv.RunOptions(device="cpu", chunk_size="64MB", progress=False)
     tv = stream_tv.extract_task_vector("base/", "finetuned/", "tv/", options=opts)
+    lora = stream_tv.extract_lora("base/", "finetuned/", "adapter/", rank=16, options=opts)
     stream_tv.merge_lora("base/", "lora/", "merged/", options=opts)
     report = stream_tv.compare(base="base/", finetuned="merged/", adapter="lora/")
 
@@ -39,11 +40,14 @@ _EXPORTS = {
     "VerifyResult": "commands.verify",
     "verify_output": "commands.verify",
     "WriteResult": "jobs",
+    "ExtractLoraResult": "commands.extract_lora",
+    "extract_lora": "commands.extract_lora",
 }
 
 __all__ = [
     "ApplyResult",
     "CompareReport",
+    "ExtractLoraResult",
     "ExtractResult",
     "InspectResult",
     "LoraDeltaResult",
@@ -55,6 +59,7 @@ __all__ = [
     "__version__",
     "apply_task_vectors",
     "compare",
+    "extract_lora",
     "extract_task_vector",
     "inspect",
     "lora",
@@ -84,6 +89,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .commands.apply import ApplyResult, apply_task_vectors
     from .commands.compare import compare
     from .commands.extract import ExtractResult, extract_task_vector
+    from .commands.extract_lora import ExtractLoraResult, extract_lora
     from .commands.inspect import InspectResult, inspect
     from .commands.merge import LoraDeltaResult, MergeResult, lora_delta, merge_lora
     from .commands.verify import VerifyResult, verify_output

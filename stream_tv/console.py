@@ -1,11 +1,12 @@
 """The ``stream-tv`` console script: Ctrl-C at any moment is one line and exit 130.
 
 # subtle: the first second of a run is imports (click, then torch inside the command); a
-# SIGINT there would print a KeyboardInterrupt traceback, and one that lands where a library
-# swallows it would let the run finish with exit 0 as if never interrupted. So: until the
-# CLI is imported, SIGINT exits at once; afterwards it raises KeyboardInterrupt as usual (the
-# engine then stops its threads and keeps completed shards) and is also recorded, so that a
-# run it interrupted never exits 0.
+# KeyboardInterrupt there prints a traceback, or aborts the process when it lands in Python
+# code torch's C++ called; one that a library swallows lets the run finish with exit 0. So
+# SIGINT never raises: while the engine streams it asks it to stop at the next chunk (the
+# engine then ends as on a Ctrl-C: completed shards kept, a message on how to resume); at any
+# other moment there is nothing to keep, and the process exits at once with 130. A second
+# Ctrl-C always exits at once. An interrupted run never exits 0.
 """
 
 from __future__ import annotations
@@ -19,30 +20,50 @@ EXIT_INTERRUPTED = 130  # errors.EXIT_INTERRUPTED, without importing anything ye
 _interrupted = False
 
 
-def _exit_now(signum, frame) -> None:  # pragma: no cover - timing dependent
-    os.write(2, b"interrupted\n")
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C: stop a streaming run at its next chunk (it keeps completed shards and says how
+    to resume); at any other moment (imports, planning, a download), exit at once.
+
+    # subtle: this handler never raises. A KeyboardInterrupt raised at an arbitrary
+    # bytecode can land in Python code that C++ called (torch's import, a pybind11
+    # callback), where it aborts the process ("terminate called after throwing ...").
+    """
+    global _interrupted
+    first = not _interrupted
+    _interrupted = True
+    engine = sys.modules.get("stream_tv.engine")
+    if first and engine is not None and engine.running():
+        engine.request_stop()
+        return
+    os.write(2, b"interrupted: rerun the same command to resume\n")
     os._exit(EXIT_INTERRUPTED)
 
 
-def _interrupt(signum, frame) -> None:
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt
+def handle_sigint() -> bool:
+    """Install the CLI's Ctrl-C handler (main thread only); whether it was installed."""
+    if signal.getsignal(signal.SIGINT) is None:  # not the main thread's interpreter
+        return False
+    try:
+        signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not called from the main thread
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI (``stream-tv ...``)."""
-    main_thread = signal.getsignal(signal.SIGINT) is not None
-    if main_thread:
-        signal.signal(signal.SIGINT, _exit_now)
+    main_thread = handle_sigint()
     from .cli import cli
 
-    if main_thread:
-        signal.signal(signal.SIGINT, _interrupt)
+    code: int | str | None = 0
     try:
         cli.main(args=argv, prog_name="stream-tv")
     except SystemExit as e:
-        if _interrupted and e.code in (None, 0, 1):  # 1: click's "Aborted!" while parsing
-            sys.stderr.write("interrupted: rerun the same command to resume\n")
-            raise SystemExit(EXIT_INTERRUPTED) from None
-        raise
+        code = e.code
+    finally:
+        if main_thread:  # the work is over: a later Ctrl-C changes nothing (nor kills the exit)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _interrupted and code in (None, 0, 1):  # 1: click's "Aborted!" while parsing
+        sys.stderr.write("interrupted: rerun the same command to resume\n")
+        code = EXIT_INTERRUPTED
+    sys.exit(code)

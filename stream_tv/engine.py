@@ -44,6 +44,11 @@ from .io.index import TensorSpec
 from .io.reader import Reader
 from .io.writer import OutTensor
 
+# A stop asked for from outside the engine (the CLI's Ctrl-C handler): the compute loop
+# checks it between chunks and ends the run as a Ctrl-C does, from a safe point.
+_STOP_REQUESTED = threading.Event()
+_RUNNING = threading.Event()
+
 DEFAULT_CHUNK_MIN = 8 * 2**20
 DEFAULT_CHUNK_MAX = 64 * 2**20
 _ALIGN = 64
@@ -200,6 +205,17 @@ class RunStats:
     nonfinite: dict[str, int] = field(default_factory=dict)
 
 
+def running() -> bool:
+    """Whether a run is streaming now (in this process)."""
+    return _RUNNING.is_set()
+
+
+def request_stop() -> None:
+    """Ask the current run to stop at its next chunk, as Ctrl-C would (safe from a signal
+    handler: it only sets an event)."""
+    _STOP_REQUESTED.set()
+
+
 def run(
     tasks: Sequence[Task],
     *,
@@ -219,6 +235,8 @@ def run(
     sink is aborted and the error raised.
     """
     t0 = time.perf_counter()
+    _STOP_REQUESTED.clear()
+    _RUNNING.set()
     if tune_malloc:
         _reuse_freed_memory()
     pipe = _Pipeline(list(tasks), list(_plan_steps(tasks, chunk_bytes)), device, sink)
@@ -241,6 +259,7 @@ def run(
             raise pipe.errors[0] from None
         raise
     finally:
+        _RUNNING.clear()
         pipe.reader.close()
         if bar is not None:
             bar.close()
@@ -333,6 +352,8 @@ class _Pipeline:
 
     def get(self, q: queue.Queue) -> Any:
         while True:
+            if _STOP_REQUESTED.is_set() and threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt  # asked to stop (Ctrl-C in the CLI): the same path
             try:
                 return q.get(timeout=0.1)
             except queue.Empty:

@@ -11,6 +11,9 @@ returns a :class:`Job`, and that reads no tensor data. The job says
 - ``output``: where the tasks' outputs go, with the provenance recorded in the index, the
   side files to copy and the ``config.json`` values to change in the copy (``merge``:
   ``tie_word_embeddings`` where PEFT unties a head);
+- ``files``: instead of ``output``, files the job assembles itself (:class:`FileOutput`:
+  ``extract-lora``'s adapter directory), checked against the inputs the same way, begun
+  before the run, fed as the engine's sink, finished after it or aborted;
 - ``doubts``: what our own index records about an input that says it is the wrong kind
   (a model given as a task vector, an adapter merged twice): refused unless ``--force``;
 - ``command``: its name, which sets its NaN/Inf default (``options.NONFINITE_DEFAULTS``);
@@ -36,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -51,6 +54,7 @@ from .io.writer import (
     check_output_location,
     copy_side_files,
 )
+from .jsonutil import json_safe
 from .options import RunOptions
 from .units import format_size
 
@@ -69,8 +73,8 @@ SIDE_FILES = (
     "vocab.json",
     "merges.txt",
     "vocab.txt",
-    "chat_template.jinja",
     "chat_template.json",
+    "*.jinja",  # chat templates (chat_template.jinja and others)
 )
 
 
@@ -105,6 +109,19 @@ class Outcome:
     resumed_shards: int = 0
 
 
+class FileOutput(Sink, Protocol):
+    """Output files a job writes itself (not a sharded checkpoint): a sink for the tasks'
+    output rows, opened before the run and finished from its statistics."""
+
+    path: Path
+
+    def begin(self, options: RunOptions) -> None:
+        """Check and prepare the location (before any tensor data is read)."""
+
+    def finish(self, stats: RunStats) -> None:
+        """Write the files from what the run produced."""
+
+
 @dataclass
 class Job(Generic[R]):
     """A command's plan: tasks, checks, output, and how to build its result."""
@@ -117,6 +134,7 @@ class Job(Generic[R]):
     output: Output | None = None
     doubts: list[InputError] = field(default_factory=list)  # refused unless options.force
     description: str | None = None  # progress-bar label (default: the command)
+    files: FileOutput | None = None  # files the job writes itself, instead of ``output``
 
     @property
     def inputs(self) -> list[Path]:
@@ -158,13 +176,18 @@ def execute(job: Job[Any], options: RunOptions, *, sink: Sink | None = None) -> 
     if job.doubts and not options.force:
         raise job.doubts[0]
     writes = job.output is not None and sink is None
-    if writes:
-        check_output(job.output.path, job.inputs)
+    files = job.files if sink is None else None
+    for out in (job.output.path if writes else None, files.path if files else None):
+        if out is not None:
+            check_output(out, job.inputs)
     checked = stream(job.checks, None, progress=False) if job.checks else RunStats()
     label = job.description or job.command
     written: dict[str, Any] = {}
     if writes:
         stats, written = _write(job, options, on_nonfinite, stream, label)
+    elif files is not None:
+        stats = _write_files(job, files, options, on_nonfinite, stream, label)
+        written = {"output": files.path}
     else:
         stats = stream(
             job.tasks, sink, progress=options.progress, description=label, on_nonfinite=on_nonfinite
@@ -222,7 +245,7 @@ def _write(
         copy_side_files(out.side_files_from, out.path, out.side_files or SIDE_FILES)
         if out.config_updates:
             update_config(out.path, out.config_updates)
-        writer.finish({k: v if isinstance(v, str) else _json_value(v) for k, v in metadata.items()})
+        writer.finish(json_safe(metadata))
     except Interrupted as e:
         writer.abort()
         raise Interrupted(
@@ -240,6 +263,32 @@ def _write(
         "shards": len(plan.shards),
         "resumed_shards": resumed,
     }
+
+
+def _write_files(
+    job: Job[Any], files: FileOutput, options: RunOptions, on_nonfinite: str, stream, label: str
+) -> RunStats:
+    files.begin(options)
+    try:
+        stats = stream(
+            job.tasks,
+            files,
+            progress=options.progress,
+            description=label,
+            on_nonfinite=on_nonfinite,
+        )
+        files.finish(stats)
+    except Interrupted as e:
+        files.abort()
+        raise Interrupted(
+            "interrupted; nothing was written",
+            where=str(files.path),
+            hint="rerun the same command: it starts over",
+        ) from e
+    except BaseException:
+        files.abort()
+        raise
+    return stats
 
 
 def update_config(out: Path, updates: Mapping[str, object]) -> None:
@@ -265,16 +314,6 @@ def _check_free_space(out: Path, plan: OutputPlan, completed: dict[int, int]) ->
             where=str(out),
             hint="free space or choose another output directory; --no-space-check writes anyway",
         )
-
-
-def _json_value(v: object) -> object:
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _json_value(x) for k, x in v.items()}
-    if isinstance(v, (int, float, bool)) or v is None:
-        return v
-    return str(v)
 
 
 def _paths_of(src: Any) -> list[Path]:

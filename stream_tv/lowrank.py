@@ -42,7 +42,7 @@ energy (Eckart-Young): the randomized figure is a lower bound of it.
 
 >>> g = torch.Generator().manual_seed(0)
 >>> T = torch.randn(60, 3, generator=g) @ torch.randn(3, 50, generator=g)   # rank 3
->>> svd = StreamedSVD(60, 50, rank=4, power_iters=1, seed=1)
+>>> svd = StreamedSVD(60, 50, rank=4, oversample=8, power_iters=1, seed=1)
 >>> for p in range(svd.passes):
 ...     for start in range(0, 60, 16):                # row chunks, pass after pass
 ...         svd.update(T[start : start + 16], start, min(start + 16, 60), p)
@@ -102,19 +102,20 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def default_oversample(rank: int) -> int:
-    """Extra sketch columns beyond ``rank``: ``max(8, 2 * rank)``, a block of ``3 * rank``.
+    """Extra sketch columns beyond ``rank``: ``max(64, 2 * rank)``.
 
-    # subtle: the textbook 5-10 is far too few for task vectors. A few AdamW steps give a
-    # flat spectrum (Adam's first updates are sign-like), where the captured energy converges
-    # slowly. Measured on a tiny Llama (hidden 192, 5 AdamW steps), rank 8, 2 power
-    # iterations, block Krylov, worst tensor: 8 extra columns left the retained energy 8e-3
-    # (relative) below the exact truncated SVD's, 16 gave 4e-4 (subspace iteration: 3e-2 and
-    # 1e-2). With a fixed training batch, 16 still left 5e-3 on the embedding.
+    # subtle: the textbook 5-10 is far too few for task vectors. AdamW steps give a flat
+    # spectrum (Adam's first updates are sign-like), where the captured energy converges
+    # slowly, and the fewer columns, the slower. Measured with 2 power iterations, block
+    # Krylov, on tiny Llamas after 20 AdamW steps (hidden 256 and 512), worst tensor, worst
+    # rank 1..r: max(8, 2r) extra columns left the retained energy up to 3e-2 (relative)
+    # below the exact truncated SVD's at ranks 1-4 and 2e-3 at rank 16; a floor of 64 gives
+    # at most 1.3e-4 at ranks 1-16, 3e-6 at 32 (tests/test_extract_lora.py). Cost: linear.
 
     >>> default_oversample(2), default_oversample(64)
-    (8, 128)
+    (64, 128)
     """
-    return max(8, 2 * rank)
+    return max(64, 2 * rank)
 
 
 def orthonormalize_(a: torch.Tensor, *, block_elements: int = 2**21) -> torch.Tensor:
@@ -522,27 +523,9 @@ def peft_lora_tensors(
     >>> sorted(peft_lora_tensors("embedding", U, S, V, weight_shape=(3, 2)))
     ['lora_embedding_A', 'lora_embedding_B']
     """
-    if kind not in LAYER_KINDS:
-        raise InputError(f"unknown layer kind {kind!r}", hint=f"one of {', '.join(LAYER_KINDS)}")
-    if split not in _SPLITS:
-        raise InputError(f"unknown split {split!r}", hint=f"one of {', '.join(_SPLITS)}")
-    shape = tuple(weight_shape)
-    rows, cols = shape[0], math.prod(shape[1:])
-    r = S.shape[0]
-    if kind == "conv2d" and len(shape) != 4 or kind != "conv2d" and len(shape) != 2:
-        raise InputError(f"a {kind} weight cannot have shape {shape}")
-    if U.shape != (rows, r) or V.shape != (cols, r):
-        raise InputError(
-            f"factors U {tuple(U.shape)}, S ({r},), V {tuple(V.shape)} do not factor a weight "
-            f"of shape {shape} ({rows} x {cols})"
-        )
-    s = S.to(device=U.device, dtype=torch.float64)
-    if split == "sqrt":
-        sa = sb = s.sqrt()
-    elif split == "A":
-        sa, sb = s, torch.ones_like(s)
-    else:
-        sa, sb = torch.ones_like(s), s
+    shape = _check_factors(kind, split, tuple(weight_shape), U, S, V)
+    rows, r = shape[0], S.shape[0]
+    sa, sb = _split_scale(S.to(device=U.device, dtype=torch.float64), split)
     u, v = U.to(torch.float64), V.to(torch.float64)
 
     def out(x: torch.Tensor) -> torch.Tensor:
@@ -560,6 +543,32 @@ def peft_lora_tensors(
     if kind == "embedding":
         return {"lora_embedding_A": out(a), "lora_embedding_B": out(b)}
     return {"lora_A.weight": out(a), "lora_B.weight": out(b)}
+
+
+def _check_factors(kind: str, split: str, shape: tuple[int, ...], U, S, V) -> tuple[int, ...]:
+    """``shape``, once ``kind``, ``split`` and the factors' shapes are checked for it."""
+    if kind not in LAYER_KINDS:
+        raise InputError(f"unknown layer kind {kind!r}", hint=f"one of {', '.join(LAYER_KINDS)}")
+    if split not in _SPLITS:
+        raise InputError(f"unknown split {split!r}", hint=f"one of {', '.join(_SPLITS)}")
+    rows, cols, r = shape[0], math.prod(shape[1:]), S.shape[0]
+    if kind == "conv2d" and len(shape) != 4 or kind != "conv2d" and len(shape) != 2:
+        raise InputError(f"a {kind} weight cannot have shape {shape}")
+    if U.shape != (rows, r) or V.shape != (cols, r):
+        raise InputError(
+            f"factors U {tuple(U.shape)}, S ({r},), V {tuple(V.shape)} do not factor a weight "
+            f"of shape {shape} ({rows} x {cols})"
+        )
+    return shape
+
+
+def _split_scale(s: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S^a, S^b)`` with ``S^a S^b = S`` for ``split`` (see :func:`peft_lora_tensors`)."""
+    if split == "sqrt":
+        return s.sqrt(), s.sqrt()
+    if split == "A":
+        return s, torch.ones_like(s)
+    return torch.ones_like(s), s
 
 
 def lora_rank_config(ranks: Mapping[str, int]) -> dict[str, Any]:

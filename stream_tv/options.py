@@ -35,6 +35,7 @@ NONFINITE_DEFAULTS: dict[str, NonFinite] = {
     "merge": "error",
     "lora-delta": "warn",
     "compare": "warn",
+    "extract-lora": "error",  # tensors saved whole in an adapter, as a model's
     "verify": "ignore",  # verify counts them itself
     "scan": "ignore",
 }

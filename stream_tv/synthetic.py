@@ -86,17 +86,6 @@ def llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def llama_config_for_size(nbytes: int, *, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """A config whose checkpoint is about ``nbytes`` (hidden 2048 above 1 GB, smaller below)."""
-    hidden = 2048 if nbytes >= 1e9 else 1024 if nbytes >= 1e8 else 256
-    vocab = 32000 if nbytes >= 1e9 else 8000 if nbytes >= 1e8 else 1000
-    probe = llama_config(hidden=hidden, layers=1, vocab=vocab, dtype=dtype)
-    per_layer = sum(math.prod(s) for k, s in llama_shapes(probe).items() if ".layers." in k)
-    fixed = sum(math.prod(s) for k, s in llama_shapes(probe).items() if ".layers." not in k)
-    layers = max(1, round((nbytes / dtype.itemsize - fixed) / per_layer))
-    return llama_config(hidden=hidden, layers=layers, vocab=vocab, dtype=dtype)
-
-
 def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 

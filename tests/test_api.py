@@ -33,6 +33,20 @@ def test_importing_the_cli_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_inspect_reads_headers_without_torch(tmp_path):
+    """inspect (like --help) never pays for importing torch: headers are JSON and sizes."""
+    save_checkpoint(tmp_path / "m", {"w": torch.ones(3, 2, dtype=torch.bfloat16)}, shards=1)
+    code = (
+        "import sys; from click.testing import CliRunner; from stream_tv.cli import cli; "
+        f"r = CliRunner().invoke(cli, ['inspect', {str(tmp_path / 'm')!r}, '--json']); "
+        "print(r.exit_code, 'torch' in sys.modules); print(r.output)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, rest = out.stdout.split("\n", 1)
+    assert first == "0 False", out.stdout + out.stderr
+    assert '"BF16"' in rest and '"total_params": 6' in rest
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

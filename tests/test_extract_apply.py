@@ -402,7 +402,7 @@ def test_apply_rejects_foreign_task_vector(tiny_pair, tmp_path):
     save_checkpoint(tmp_path / "tv2", {"model.layers.0.row": torch.ones(33)})
     with pytest.raises(MismatchError, match=r"model\.layers\.0\.row.*\[1, 33\].*\[33\]"):
         apply_task_vectors(bdir, [tmp_path / "tv2"], tmp_path / "m", options=opts())
-    with pytest.raises(Exception, match="2 scales for 1 task vectors"):
+    with pytest.raises(Exception, match="2 scales for 1 inputs"):
         apply_task_vectors(bdir, [tmp_path / "tv"], tmp_path / "m", scales=[1, 2], options=opts())
 
 

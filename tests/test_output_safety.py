@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_checkpoint
+from conftest import load_tensors, save_checkpoint
 
 from stream_tv.cli import cli
 from stream_tv.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_VERIFY_FAILED
@@ -256,13 +256,21 @@ def made(models, tmp_path):
 
 
 def test_a_model_given_as_a_task_vector_is_refused(made, tmp_path):
+    """A model our index records is a fine-tuned model to apply (its task vector taken on
+    the fly: base + (model - base) is the model again); --kind tv contradicts the index."""
     base, _, _, model = made
-    r = run("apply", base, model, "-o", tmp_path / "doubled", *Q)
+    r = run("apply", base, model, "-o", tmp_path / "again", *Q)
+    assert r.exit_code == 0, r.output
+    assert "inputs: finetuned" in r.stdout
+    got, want = load_tensors(tmp_path / "again"), load_tensors(model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    r = run("apply", base, model, "-o", tmp_path / "doubled", "--kind", "tv", *Q)
     assert r.exit_code == EXIT_BAD_INPUT
-    assert "TV 1 is a model (written by stream-tv apply" in r.stderr and "--force" in r.stderr
-    assert "stream-tv extract BASE MODEL" in r.stderr
+    assert "INPUT 1 is a fine-tuned model (written by stream-tv apply" in r.stderr
+    assert "--force" in r.stderr
     assert not (tmp_path / "doubled").exists()
-    assert run("apply", base, model, "-o", tmp_path / "doubled", *Q, "--force").exit_code == 0
+    r = run("apply", base, model, "-o", tmp_path / "doubled", "--kind", "tv", *Q, "--force")
+    assert r.exit_code == 0
 
 
 def test_a_task_vector_given_as_a_model_is_refused(made, tmp_path):
@@ -302,9 +310,13 @@ def test_ctrl_c_at_any_moment_is_exit_130_without_traceback(models, tmp_path, de
     if p.poll() is not None:
         pytest.skip(f"the run finished within {delay} s")
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == EXIT_INTERRUPTED, err
-    assert b"Traceback" not in err and b"interrupted" in err
+    out, err = p.communicate(timeout=60)
+    assert b"Traceback" not in err
+    if b"task vector (F32)" in out:  # it had finished its work when the signal came
+        assert p.returncode in (0, EXIT_INTERRUPTED), (p.returncode, err)
+        return
+    assert p.returncode == EXIT_INTERRUPTED, (p.returncode, err)
+    assert b"interrupted" in err
 
 
 def test_a_resume_after_an_input_changed_with_size_and_mtime_kept_is_refused(tmp_path, monkeypatch):
@@ -343,3 +355,58 @@ def test_a_resume_after_an_input_changed_with_size_and_mtime_kept_is_refused(tmp
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     r = run("extract", tmp_path / "base", tmp_path / "ft", "-o", out, *opts)
     assert r.exit_code == EXIT_BAD_INPUT and "unfinished run of a different command" in r.stderr
+
+
+def test_apply_with_another_dtype_says_so_in_the_config(tmp_path):
+    """apply --dtype fp32 on a bf16 base: from_pretrained(dtype='auto') must load float32."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 4, generator=g).to(torch.bfloat16)}
+    save_checkpoint(tmp_path / "base", base)
+    (tmp_path / "base" / "config.json").write_text(
+        json.dumps({"model_type": "llama", "torch_dtype": "bfloat16", "vocab_size": 8})
+    )
+    save_checkpoint(tmp_path / "tv", {"w": torch.full((4, 4), 1e-3)})
+    out = tmp_path / "out"
+    assert (
+        run("apply", tmp_path / "base", tmp_path / "tv", "-o", out, *Q, "--dtype", "fp32").exit_code
+        == 0
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "float32" and config["vocab_size"] == 8
+    r = run("verify", out, "-q", "--base", tmp_path / "base", "--task-vector", tmp_path / "tv")
+    assert r.exit_code == 0, r.output
+    assert (
+        run("apply", tmp_path / "base", tmp_path / "tv", "-o", tmp_path / "same", *Q).exit_code == 0
+    )
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_chat_templates_are_copied_with_the_model(models, tmp_path):
+    base, ft = models
+    (base / "chat_template.jinja").write_text("{{ messages }}")
+    (base / "tool_use.jinja").write_text("{{ tools }}")
+    out = tmp_path / "m"
+    assert run("apply", base, ft, "-o", out, *Q, "--force").exit_code == 0
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert (out / "tool_use.jinja").read_text() == "{{ tools }}"
+
+
+def test_the_nan_policy_is_part_of_the_resume_fingerprint(tmp_path):
+    """apply --on-nonfinite ignore, interrupted, then rerun under the default (error): not a
+    resume (that would finish with NaN under a policy that forbids them)."""
+    g = torch.Generator().manual_seed(2)
+    base = {f"t{i}": torch.randn(64, 64, generator=g) for i in range(4)}
+    save_checkpoint(tmp_path / "base", base)
+    tv = {k: torch.zeros_like(v) for k, v in base.items()}
+    tv["t3"][0, 0] = float("nan")  # in the last shard
+    save_checkpoint(tmp_path / "tv", tv)
+    out = tmp_path / "out"
+    opts = [*Q, "--max-shard-size", "20KB"]
+    args = ("apply", tmp_path / "base", tmp_path / "tv", "-o", out, *opts)
+    r = run(*args)  # the default policy refuses the NaN: shards 1-3 kept, not finished
+    assert r.exit_code == EXIT_BAD_INPUT and "NaN/Inf" in r.stderr
+    assert len(list(out.glob("model-*.safetensors"))) == 3 and not (out / INDEX).exists()
+    r = run(*args, "--on-nonfinite", "warn")  # another policy: another run
+    assert r.exit_code == EXIT_BAD_INPUT and "unfinished run of a different command" in r.stderr
+    r = run(*args, "--on-nonfinite", "warn", "--restart")
+    assert r.exit_code == 0 and "warning: 1 NaN/Inf value(s) in t3" in r.stderr, r.output

@@ -271,7 +271,7 @@ def test_verify_apply_output(pair, reference, tmp_path):
     r = invoke("verify", out, "--base", pair[0], "--task-vector", tv, "--task-vector", tv)
     assert r.exit_code == 0 and "identical to a recomputation" in r.output, r.output
     r = invoke("verify", out, "--base", pair[0], "--task-vector", tv)
-    assert r.exit_code == EXIT_BAD_INPUT and "2 task vector(s); 1 given" in r.stderr
+    assert r.exit_code == EXIT_BAD_INPUT and "written from 2 input(s); 1 given" in r.stderr
     r = invoke("verify", out, "--base", pair[0], "--finetuned", pair[1])
     assert r.exit_code == EXIT_BAD_INPUT and "--task-vector" in r.stderr
     r = invoke("verify", out, "--base", pair[0], "--adapter", tmp_path)

@@ -10,7 +10,8 @@ has) as a child process forked from this script, which imports nothing heavy: th
 ``ru_maxrss`` (``os.wait4``) is mergekit's peak RSS, not ours. Prints one JSON line (and
 writes it to ``--json``): wall seconds from fork to exit, peak RSS, exit code, the config.
 
-``mergekit-yaml`` is found from ``--mergekit-yaml``, else next to ``$STREAM_TV_MERGEKIT_PYTHON``,
+``mergekit-yaml`` is found from ``--mergekit-yaml``, else in ``--mergekit-venv``'s ``bin/``,
+else next to ``$STREAM_TV_MERGEKIT_PYTHON``,
 else on ``PATH``. Inputs are fine-tuned model directories (mergekit takes models, not task
 vectors). ``--dtype`` is mergekit's working dtype (``dtype:``; ``float32`` by default, as
 bf16 arithmetic is not what stream-tv computes); ``--out-dtype`` defaults to the base's
@@ -29,9 +30,11 @@ import time
 from pathlib import Path
 
 
-def find_mergekit_yaml(explicit: str | None) -> str:
+def find_mergekit_yaml(explicit: str | None, venv: str | None = None) -> str:
     if explicit:
         return explicit
+    if venv:
+        return str(Path(venv) / "bin" / "mergekit-yaml")
     py = os.environ.get("STREAM_TV_MERGEKIT_PYTHON")
     if py and (Path(py).parent / "mergekit-yaml").exists():
         return str(Path(py).parent / "mergekit-yaml")
@@ -100,7 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out-dtype", default=None)
     ap.add_argument("--mergekit-yaml", default=None)
+    ap.add_argument("--mergekit-venv", default=None, help="a venv with mergekit-yaml in bin/")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--no-version",
+        action="store_true",
+        help="skip asking mergekit's python for its version after the run (a harness that "
+        "times this whole process, as benchmarks/run.py does, should not count it)",
+    )
     args = ap.parse_args(argv)
 
     n = len(args.inputs)
@@ -119,18 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     config.write_text(
         config_yaml(args.method, args.base, args.inputs, weights, densities, args.dtype, out_dtype)
     )
-    cli = find_mergekit_yaml(args.mergekit_yaml)
+    cli = find_mergekit_yaml(args.mergekit_yaml, args.mergekit_venv)
     cmd = [cli, str(config), str(out), "--lazy-unpickle", "--no-copy-tokenizer"]
     result = run_measured(cmd, out.parent / f"{out.name}.log")
-    version = subprocess.run(
-        [
-            str(Path(cli).parent / "python"),
-            "-c",
-            "import importlib.metadata as m; print(m.version('mergekit'))",
-        ],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    version = ""
+    if not args.no_version:
+        query = "import importlib.metadata as m; print(m.version('mergekit'))"
+        py = str(Path(cli).parent / "python")
+        version = subprocess.run([py, "-c", query], capture_output=True, text=True).stdout.strip()
     result = {
         "tool": "mergekit",
         "version": version or None,

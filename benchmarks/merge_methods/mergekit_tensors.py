@@ -19,6 +19,15 @@ seeds torch's global generator (DARE/DELLA masks) before the tensor is merged.
 stream_tv does (the lower flat index ranks higher) instead of in ``argsort``'s arbitrary
 order: ``argsort(descending=True)`` becomes a stable sort, an ascending sort its reverse.
 Nothing else changes, so the outputs show what differs besides magnitude ties.
+
+Whole models, as ``mergekit-yaml`` merges them (several merges in one process, which saves
+mergekit's start-up per merge)::
+
+    python mergekit_tensors.py yaml RUNS.json
+
+``RUNS`` is a list of ``{"config": CONFIG.yml, "out": OUT_DIR, "seed": S | null,
+"stable_ties": false}``; each runs ``mergekit.merge.run_merge`` with the options
+``mergekit-yaml CONFIG OUT --lazy-unpickle --no-copy-tokenizer [--random-seed S]`` gives.
 """
 
 from __future__ import annotations
@@ -83,7 +92,33 @@ def merge_all(tensors: dict[str, torch.Tensor], jobs: list[dict]) -> dict[str, t
     return out
 
 
+def run_yaml(runs: list[dict]) -> None:
+    """Each run as ``mergekit-yaml`` runs it (see the module docstring)."""
+    import mergekit.sparsify
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    plain_torch = mergekit.sparsify.torch
+    for run in runs:
+        mergekit.sparsify.torch = _StableTorch() if run.get("stable_ties") else plain_torch
+        options = MergeOptions(
+            lazy_unpickle=True, copy_tokenizer=False, random_seed=run.get("seed")
+        )
+        options.apply_global_options()
+        with open(run["config"], encoding="utf-8") as f:
+            source = f.read()
+        config = MergeConfiguration.model_validate(yaml.safe_load(source))
+        run_merge(config, run["out"], options=options, config_source=source)
+    mergekit.sparsify.torch = plain_torch
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "yaml":
+        with open(argv[1]) as f:
+            run_yaml(json.load(f))
+        return 0
     src, dst, jobs_path = argv
     with open(jobs_path) as f:
         jobs = json.load(f)

@@ -166,7 +166,9 @@ def verify(
         options=replace(options, progress=options.progress and not as_json),
     )
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        from ..jsonutil import json_safe
+
+        click.echo(json.dumps(json_safe(result.to_dict()), indent=2, allow_nan=False))
     elif result.ok:
         click.echo(result.summary())
     if not result.ok:

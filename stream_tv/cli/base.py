@@ -85,7 +85,8 @@ _FORCE_OPTION = click.option(
     "--force",
     is_flag=True,
     help="Use an input as given even where its index (written by stream-tv) says it is the "
-    "wrong kind: a model given as a task vector, an adapter merged in already.",
+    "wrong kind: a model given as a task vector, an adapter merged in already (apply: or "
+    "where its values say so).",
 )
 
 
@@ -194,12 +195,12 @@ def echo_write_result(result, what: str) -> None:
 
 
 def result_json(result) -> str:
+    """A command's result as strict JSON (the project's one sanitiser)."""
     from dataclasses import asdict
 
-    def default(o: Any) -> Any:
-        return str(o)
+    from ..jsonutil import json_safe
 
-    return json.dumps(asdict(result), indent=2, default=default)
+    return json.dumps(json_safe(asdict(result)), indent=2, allow_nan=False)
 
 
 class _Group(click.Group):

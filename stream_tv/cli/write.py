@@ -121,53 +121,6 @@ def extract(
 
 @cli.command()
 @click.argument("base")
-@click.argument("task_vectors", nargs=-1, required=True, metavar="TV [TV ...]")
-@click.option("-o", "--output", "out", required=True, help="Output directory.")
-@click.option(
-    "--scale",
-    "scales",
-    multiple=True,
-    type=float,
-    help="Scale of each task vector, in order (default 1.0; one value applies to all; "
-    "negative to subtract).",
-)
-@click.option("--dtype", callback=dtype_option, help="Output dtype (default: the base's).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@run_options("apply")
-def apply(
-    base: str,
-    task_vectors: tuple[str, ...],
-    out: str,
-    scales: tuple[float, ...],
-    dtype,
-    as_json: bool,
-    options: RunOptions,
-) -> None:
-    """Write BASE + sum(scale_i * TV_i), in float32, rounded once to the base's dtype.
-
-    \b
-    Examples:
-      stream-tv apply ./base ./tv -o ./merged                     # base + tv
-      stream-tv apply ./base ./tv_a ./tv_b --scale 0.5 --scale 0.3 -o ./mix
-      stream-tv apply ./base ./tv --scale -1 -o ./negated         # task negation
-    """
-    from ..commands.apply import apply_task_vectors
-
-    result = apply_task_vectors(
-        base, list(task_vectors), out, scales=list(scales) or None, dtype=dtype, options=options
-    )
-    if as_json:
-        click.echo(result_json(result))
-        return
-    echo_write_result(result, "model")
-    click.echo(
-        f"scales: {', '.join(f'{s:g}' for s in result.scales)}; "
-        f"{len(result.untouched)} tensor(s) copied from the base unchanged"
-    )
-
-
-@cli.command()
-@click.argument("base")
 @click.argument("adapters", nargs=-1, metavar="[ADAPTER ...]")
 @click.option(
     "--adapter",

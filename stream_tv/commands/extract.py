@@ -93,7 +93,7 @@ def plan_extract(
     skipped = set(skip)
     float_names = [n for n in all_float if n not in skipped]
     non_float = [n for n in names if not b[n].is_float]
-    checks = [_equality_check(n, b[n], f[n], (b.reference, f.reference)) for n in non_float]
+    checks = [equality_check(n, b[n], f[n], (b.reference, f.reference)) for n in non_float]
     tasks = [
         _subtract_task(n, b[n], f[n], dtype or ops.difference_dtype(b[n].dtype, f[n].dtype))
         for n in float_names
@@ -171,7 +171,8 @@ def plan_unchanged_scan(b: Checkpoint, f: Checkpoint, names: Sequence[str]) -> J
     )
 
 
-def _equality_check(name: str, a: TensorSpec, b: TensorSpec, refs: tuple[str, str]) -> engine.Task:
+def equality_check(name: str, a: TensorSpec, b: TensorSpec, refs: tuple[str, str]) -> engine.Task:
+    """The check that non-float tensor ``name`` holds the same bytes in both checkpoints."""
     if a.dtype != b.dtype:
         raise MismatchError(
             f"non-float tensor {name!r} is {a.dtype_str} in one checkpoint and {b.dtype_str} in the other"

@@ -41,7 +41,7 @@ from ..lora import Adapter
 from ..options import RunOptions
 from ..refs import open_checkpoint
 from ..units import format_size
-from .apply import plan_apply
+from .apply import replan_apply
 from .extract import plan_extract
 from .merge import plan_lora_delta, plan_merge, recorded_layouts
 
@@ -289,27 +289,29 @@ def _replan_extract(given, metadata, output, root) -> tuple[Job, str]:
 
 
 def _replan_apply(given, metadata, output, root) -> tuple[Job, str]:
-    _require(given, "apply", ("base", "task_vectors"), "--base BASE --task-vector TV [...]")
+    usage = "--base BASE --task-vector INPUT [...] (every input given to apply, in order)"
+    _require(given, "apply", ("base", "task_vectors"), usage)
     scales = _numbers(metadata, "scales")
     if len(scales) != len(given.task_vectors):
         raise InputError(
-            f"the output was written from {len(scales)} task vector(s); "
-            f"{len(given.task_vectors)} given",
-            hint="pass every --task-vector, in the order given to apply",
+            f"the output was written from {len(scales)} input(s); {len(given.task_vectors)} given",
+            hint="pass every input (task vector, model or adapter) as --task-vector, in the "
+            "order given to apply",
         )
     b = open_checkpoint(given.base)
-    tvs = [open_checkpoint(t) for t in given.task_vectors]
     # apply writes float tensors in --dtype when given, else in the base's dtype: the
     # output's float tensors say which.
     out_dtypes = {
         output[n].dtype for n in output if n in b and b[n].is_float and output[n].is_float
     }
     dtype = out_dtypes.pop() if len(out_dtypes) == 1 else None
-    job = plan_apply(b, tvs, root, scales=scales, dtype=dtype)
+    refs = list(given.task_vectors)
+    job = replan_apply(b, refs, metadata, root, scales=scales, dtype=dtype)
+    method = metadata.get("method") or "task_arithmetic"
     label = f"{b.reference} + " + " + ".join(
-        f"{s:g} x {t.reference}" for s, t in zip(scales, tvs, strict=True)
+        f"{s:g} x {r}" for s, r in zip(scales, refs, strict=True)
     )
-    return job, label
+    return job, label if method == "task_arithmetic" else f"{method} of {label}"
 
 
 def _replan_merge(given, metadata, output, root) -> tuple[Job, str]:

@@ -22,8 +22,6 @@ import os
 import struct
 from pathlib import Path
 
-import torch
-
 from ..errors import CorruptCheckpointError
 from .inputs import (
     FileIdentity,
@@ -33,7 +31,7 @@ from .inputs import (
     parse_json,
     pread_exact,
 )
-from .specs import DTYPES, MAX_DIM, TensorSpec
+from .specs import DTYPE_SIZES, DTYPES, MAX_DIM, TensorSpec
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
@@ -142,15 +140,17 @@ def parse_header(
     return specs, dict(meta)
 
 
-def _entry(loc: str, name: str, info: object) -> tuple[int, int, str, torch.dtype, tuple[int, ...]]:
+def _entry(loc: str, name: str, info: object) -> tuple[int, int, str, str, tuple[int, ...]]:
     """One header entry, checked: ``(begin, end, name, dtype, shape)``."""
     n = brief(name)
     if not isinstance(info, dict):
         raise corrupt(loc, f"tensor {n}: entry is not a JSON object")
     dt = info.get("dtype")
-    if not isinstance(dt, str) or dt not in DTYPES:  # a list is unhashable: check type first
+    if not isinstance(dt, str) or dt not in DTYPE_SIZES:  # unhashable lists: type first
         raise corrupt(
-            loc, f"tensor {n}: unknown dtype {brief(dt)}", f"supported: {', '.join(sorted(DTYPES))}"
+            loc,
+            f"tensor {n}: unknown dtype {brief(dt)}",
+            f"supported: {', '.join(sorted(DTYPE_SIZES))}",
         )
     shape = info.get("shape")
     offsets = info.get("data_offsets")
@@ -166,16 +166,15 @@ def _entry(loc: str, name: str, info: object) -> tuple[int, int, str, torch.dtyp
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise corrupt(loc, f"tensor {n}: data_offsets {brief(offsets)} are not [begin, end]")
-    torch_dtype = DTYPES[dt]
-    _check_shape(loc, n, shape, torch_dtype)
-    expected = math.prod(shape) * torch_dtype.itemsize
+    _check_shape(loc, n, shape, dt)
+    expected = math.prod(shape) * DTYPE_SIZES[dt]
     if offsets[1] - offsets[0] != expected:
         raise corrupt(
             loc,
             f"tensor {n}: {offsets[1] - offsets[0]} bytes for {dt} {brief(shape)} "
             f"(expected {brief(expected)})",
         )
-    return offsets[0], offsets[1], name, torch_dtype, tuple(shape)
+    return offsets[0], offsets[1], name, dt, tuple(shape)
 
 
 def _check_layout(loc: str, entries: list, data_len: int) -> None:
@@ -197,14 +196,16 @@ def _check_layout(loc: str, entries: list, data_len: int) -> None:
         raise corrupt(loc, f"{data_len - position} unexpected bytes after the last tensor")
 
 
-def _check_shape(loc: str, name: str, shape: list[int], dtype: torch.dtype) -> None:
+def _check_shape(loc: str, name: str, shape: list[int], dtype: str) -> None:
     """Refuse a shape torch cannot hold, decided from the header alone.
 
     A tensor with data has ``numel * itemsize`` bytes inside the file, so every size and
     stride fits in 64 bits. An empty one (a 0 in its shape) has none, and its other sizes are
     unbounded by the file: ``[2**62, 0]`` is a valid empty tensor, ``[2**64, 0]`` is no
-    tensor at all, and ``[0, 2**62, 2**62]`` overflows torch's stride computation. torch
-    itself decides, on the meta device (no memory).
+    tensor at all, and ``[0, 2**62, 2**62]`` overflows torch's stride computation. Strides
+    are products of sizes (a 0 counted as 1), so only when the non-zero sizes multiply past
+    2**63 can torch refuse; then torch itself decides, on the meta device (no memory, and the
+    only case where reading a header imports torch).
     """
     big = next((d for d in shape if d > MAX_DIM), None)
     if big is not None:
@@ -213,9 +214,11 @@ def _check_shape(loc: str, name: str, shape: list[int], dtype: torch.dtype) -> N
             f"tensor {name}: size {brief(big)} in shape {brief(shape)} does not fit in a signed "
             "64-bit integer, so no tensor has this shape",
         )
-    if 0 in shape:
+    if 0 in shape and math.prod(d for d in shape if d) > MAX_DIM:
+        import torch
+
         try:
-            torch.empty(shape, dtype=dtype, device="meta")
+            torch.empty(shape, dtype=DTYPES[dtype], device="meta")
         except (RuntimeError, ValueError, OverflowError, TypeError) as e:
             raise corrupt(
                 loc,

@@ -38,7 +38,7 @@ from .inputs import (
     read_json,
     stat_input,
 )
-from .specs import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, MAX_DIM, TensorSpec, dtype_name, parse_dtype
+from .specs import DTYPE_SIZES, DTYPES, FLOAT_NAMES, MAX_DIM, TensorSpec, dtype_name, parse_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 #: The base's config as a task vector keeps it: under another name, so that no loader takes
@@ -48,8 +48,8 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024  # the largest Hub indexes are ~10 MB
 
 __all__ = [
     "DTYPES",
-    "DTYPE_NAMES",
-    "FLOAT_DTYPES",
+    "DTYPE_SIZES",
+    "FLOAT_NAMES",
     "INDEX_NAME",
     "BASE_CONFIG_NAME",
     "MAX_DIM",
@@ -160,7 +160,7 @@ def check_finished(directory: Path, names: Iterable[str] | None = None) -> None:
     or a ``.<shard>.partial`` file. Such a directory holds some of the shards, and may hold an
     index from a previous run: as an input it would be silently incomplete.
     """
-    from .writer import STATE_DIR, STATE_FILE  # writer imports this module
+    from .outdir import STATE_DIR, STATE_FILE  # outdir imports this module
 
     names = _list_dir(directory) if names is None else list(names)
     journal = directory / STATE_DIR / STATE_FILE
@@ -356,7 +356,7 @@ def _load_index(index: Path, ref: str) -> Checkpoint:
 
 def missing_shard(index: Path | str, fname: str, meta: Mapping[str, object]) -> InputError:
     """The refusal for an index naming a shard that is not there (ours: say how to redo it)."""
-    from .writer import CHECKSUMS_KEY
+    from .outdir import CHECKSUMS_KEY
 
     if CHECKSUMS_KEY in meta or "stream_tv_version" in meta:
         return CorruptCheckpointError(

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ..errors import CorruptCheckpointError, ReferenceNotFoundError, StreamTVError
 from .index import INDEX_NAME, MAX_INDEX_BYTES, TensorSpec, read_header, read_json
-from .outdir import STATE_DIR, STATE_FILE, is_temporary
-from .writer import CHECKSUMS_KEY
+from .outdir import CHECKSUMS_KEY, STATE_DIR, STATE_FILE, is_temporary
 
 SHARD_GLOB = "model-*-of-*.safetensors"
 

@@ -32,6 +32,9 @@ from .index import INDEX_NAME
 STATE_DIR = ".stream-tv"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
+# Index metadata key: {shard file name: "crc32:<8 hex digits>"}, the crc32 of each whole
+# shard file as written; `stream-tv verify` checks it.
+CHECKSUMS_KEY = "stream_tv_checksums"
 SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _TEMP_RE = re.compile(r"^\.(model-\d{5}-of-\d{5}\.safetensors\.partial|.+\.tmp(\.\w+)?)$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -227,6 +230,9 @@ def copy_side_files(
     if src is None or not src.is_dir():
         return copied
     renames = dict(names) if isinstance(names, Mapping) else {n: n for n in names}
+    for pattern in [n for n in renames if "*" in n]:  # e.g. "*.jinja": every chat template
+        del renames[pattern]
+        renames.update({p.name: p.name for p in sorted(src.glob(pattern)) if "/" not in p.name})
     d = OutputDir(out)
     for name, written in renames.items():
         p = src / name

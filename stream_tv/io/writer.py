@@ -30,6 +30,7 @@ from ..units import format_size, parse_size  # noqa: F401  (re-exported: the wri
 from .checksum import crc32
 from .index import INDEX_NAME, dtype_name
 from .outdir import (  # noqa: F401  (re-exported: where the writer keeps its state)
+    CHECKSUMS_KEY,
     LOCK_FILE,
     STATE_DIR,
     STATE_FILE,
@@ -38,9 +39,6 @@ from .outdir import (  # noqa: F401  (re-exported: where the writer keeps its st
     copy_side_files,
 )
 
-# Index metadata key: {shard file name: "crc32:<8 hex digits>"}, the crc32 of each whole
-# shard file as written; `stream-tv verify` checks it.
-CHECKSUMS_KEY = "stream_tv_checksums"
 WRITEBACK_STEP = 64 * 2**20  # bytes between write-back requests (see ShardWriter.write)
 _FADVISE = getattr(os, "POSIX_FADV_DONTNEED", 0) if hasattr(os, "posix_fadvise") else 0
 WRITE_PIECE = 256 * 1024  # bytes per write() call; see benchmarks/RESULTS.md ("Writer")

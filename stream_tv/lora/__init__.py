@@ -6,7 +6,10 @@
   names and shapes (:mod:`.bind_rules`);
 - :mod:`.plan`: the immutable plan: per base tensor a :class:`TensorMerge` of steps;
 - :mod:`.runtime`: ``TensorMerge.open(device)``: loaded factors, DoRA state, row maths;
-- :mod:`.delta`, :mod:`.keys`, :mod:`.config`: per-layer maths, key mapping, config rules.
+- :mod:`.delta`, :mod:`.keys`, :mod:`.config`: per-layer maths, key mapping, config rules;
+- the other direction (``extract-lora``): :mod:`.extract_targets` (which tensor of a fine-tune
+  an adapter holds, and how, from the model definition) and :mod:`.adapter_out` (an adapter
+  directory written in bounded memory).
 
 Example (not run here)::
 
