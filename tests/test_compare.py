@@ -232,7 +232,8 @@ def chunk_rows(monkeypatch):
     original = TensorAccumulator.update
 
     def update(self, *, tv, lora=None, finetuned=None, base=None, merged=None):
-        rows = tv.shape[0] if tv.dim() else 1
+        chunk = finetuned if tv is None else tv  # tv=None: T made from the raw chunks
+        rows = chunk.shape[0] if chunk.dim() else 1
         calls.append((self.name, rows, lora is not None))
         return original(self, tv=tv, lora=lora, finetuned=finetuned, base=base, merged=merged)
 
