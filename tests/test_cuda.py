@@ -48,15 +48,20 @@ def test_merge_and_compare_on_cuda(triple, tmp_path):
     gpu = RunOptions(device="cuda", chunk_size="256KB", progress=False)
     merge_lora(triple / "base", triple / "adapter", tmp_path / "m-cpu", options=cpu)
     merge_lora(triple / "base", triple / "adapter", tmp_path / "m-cuda", options=gpu)
-    a, b = load_file(next((tmp_path / "m-cpu").glob("model-*"))), load_file(
-        next((tmp_path / "m-cuda").glob("model-*"))
+    a, b = (
+        load_file(next((tmp_path / "m-cpu").glob("model-*"))),
+        load_file(next((tmp_path / "m-cuda").glob("model-*"))),
     )
     for name in a:
         # at most one bf16 ulp apart: the float32 products differ in their last bits
         diff = (a[name].float() - b[name].float()).abs()
         assert bool((diff <= a[name].float().abs() * 2**-7 + 1e-30).all()), name
-    r_cpu = compare(base=triple / "base", finetuned=tmp_path / "m-cpu", adapter=triple / "adapter", options=cpu)
-    r_gpu = compare(base=triple / "base", finetuned=tmp_path / "m-cpu", adapter=triple / "adapter", options=gpu)
+    r_cpu = compare(
+        base=triple / "base", finetuned=tmp_path / "m-cpu", adapter=triple / "adapter", options=cpu
+    )
+    r_gpu = compare(
+        base=triple / "base", finetuned=tmp_path / "m-cpu", adapter=triple / "adapter", options=gpu
+    )
     for x, y in zip(r_cpu.tensors, r_gpu.tensors, strict=True):
         assert x.category == y.category
         if x.cosine is not None:

@@ -30,7 +30,11 @@ def test_demo_runs_merge_extract_compare(tmp_path):
     assert (target / "report.md").read_text().startswith("#")
 
     # The task vector it wrote is exactly merged - base.
-    base, merged, tv = _load(target / "base"), _load(target / "merged"), _load(target / "task-vector")
+    base, merged, tv = (
+        _load(target / "base"),
+        _load(target / "merged"),
+        _load(target / "task-vector"),
+    )
     for name, t in tv.items():
         assert torch.equal(t, merged[name].float() - base[name].float()), name
 

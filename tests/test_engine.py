@@ -134,9 +134,7 @@ def test_engine_passes_finish_and_start(shard):
         yield f"opened on {device.type}"
         calls.append(("end",))
 
-    task = engine.Task(
-        "stat", [spec], compute, passes=2, finish=lambda: "done", session=session
-    )
+    task = engine.Task("stat", [spec], compute, passes=2, finish=lambda: "done", session=session)
     stats = engine.run([task], device=CPU, chunk_bytes=96, progress=False)
     ranges = engine.row_ranges(37, 2, 2)
     chunks = [(p, a, b, True) for p in (0, 1) for a, b in ranges]

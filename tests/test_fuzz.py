@@ -146,7 +146,9 @@ def test_random_index_files(weight_map, metadata, top):
             index.write_bytes(b"\xff{" + json.dumps(weight_map).encode()[:10])
         only_our_errors(load_checkpoint, root)
         only_our_errors(load_checkpoint, index)
-        result = only_our_errors(verify_output, root, options=RunOptions(device="cpu", progress=False))
+        result = only_our_errors(
+            verify_output, root, options=RunOptions(device="cpu", progress=False)
+        )
         if result is not None and top != "ok":
             assert not result.ok
 

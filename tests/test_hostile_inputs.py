@@ -341,8 +341,6 @@ def _fifo(path: Path) -> Path:
     return path
 
 
-
-
 @pytest.mark.parametrize(
     "layout",
     ["file-in-dir", "given-directly", "index", "shard-named-by-index", "adapter-config",

@@ -508,4 +508,8 @@ def test_cuda_matches_cpu():
 
 
 def test_default_oversample():
-    assert default_oversample(1) == 64 and default_oversample(16) == 64 and default_oversample(40) == 80
+    assert (
+        default_oversample(1) == 64
+        and default_oversample(16) == 64
+        and default_oversample(40) == 80
+    )
