@@ -417,6 +417,73 @@ def verify(out: str, ref: str, dtype: str = "") -> dict:
     )
 
 
+def round_once(x, dtype):
+    """float64 ``x`` correctly rounded to ``dtype`` (for 16-bit types through float32 rounded
+    to odd, since torch's float64 -> bf16/fp16 cast rounds twice)."""
+    import torch
+
+    if dtype in (torch.float64, torch.float32):
+        return x.to(dtype)
+    r = x.to(torch.float32)
+    back = r.to(torch.float64)
+    inexact = back != x
+    bits = r.view(torch.int32)
+    bits = torch.where(inexact & (back.abs() > x.abs()), bits - 1, bits)  # toward zero
+    return torch.where(inexact, bits | 1, bits).view(torch.float32).to(dtype)
+
+
+def verify_apply(out: str, ft: str, base: str, tv: str, dtype: str = "") -> dict:
+    """Print JSON: is ``out`` what ``base + tv`` is, each element rounded once to the output
+    dtype (float64 reference)? That is the fine-tuned model's bits except where the float32
+    task vector itself was rounded (``ft - base`` not exact in float32: a base element tiny
+    against the fine-tuned one), where no tool can give them back; those are counted as
+    ``round_trip_inexact``, checked against the reference, not against ``ft``."""
+    import torch
+    from safetensors import safe_open
+
+    want_dtype = torch_dtype(dtype)
+    try:
+        got, want, b_at, t_at = _where(out), _where(ft), _where(base), _where(tv)
+    except Exception as e:  # noqa: BLE001 - a broken output is a result, not a crash
+        return _print({"ok": False, "error": f"{type(e).__name__}: {e}"})
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    unequal, elems, bad_elems, inexact = 0, 0, 0, 0
+    for k in sorted(set(want) & set(got)):
+        with safe_open(got[k][0], "pt") as fg, safe_open(want[k][0], "pt") as fw:
+            a, f = fg.get_tensor(k), fw.get_tensor(k)
+        dt = want_dtype or f.dtype
+        elems += a.numel()
+        if a.dtype != dt or a.shape != f.shape:
+            unequal += 1
+            continue
+        if torch.equal(a, f.to(dt)):
+            continue
+        with safe_open(b_at[k][0], "pt") as fb:
+            ref = fb.get_tensor(k).double()
+        if k in t_at:
+            with safe_open(t_at[k][0], "pt") as ftv:
+                ref += ftv.get_tensor(k).double()
+        ref = round_once(ref, dt)
+        inexact += int((ref != f.to(dt)).sum())
+        if not torch.equal(a, ref):
+            unequal += 1
+            bad_elems += int((a != ref).sum())
+    ok = not (missing or extra or unequal)
+    return _print(
+        {
+            "ok": ok,
+            "tensors": len(want),
+            "missing": len(missing),
+            "extra": len(extra),
+            "unequal": unequal,
+            "elements": elems,
+            "unequal_elements": bad_elems,
+            "round_trip_inexact": inexact,
+            "reference": "base + tv in float64, rounded once" + (f" to {dtype}" if dtype else ""),
+        }
+    )
+
+
 def verify_lora_delta(out: str, adapter: str, dtype: str = "") -> dict:
     """Print JSON: does ``out`` hold exactly scaling * B @ A (float32 products of whole
     tensors, as PEFT computes them) cast to ``dtype``, for every LoRA module, and nothing
@@ -604,6 +671,7 @@ OPS = {
     ("reference", "extract"): reference_extract,
     ("reference", "compare"): reference_compare,
     ("verify", "check"): verify,
+    ("verify", "apply"): verify_apply,
     ("verify", "lora-delta"): verify_lora_delta,
     ("verify", "compare"): verify_compare,
 }

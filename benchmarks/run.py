@@ -46,9 +46,10 @@ is not permitted, the inputs alone are evicted with posix_fadvise(DONTNEED); the
 which, and mincore says what was left cached.
 
 Every output is checked (``--no-verify`` skips it): extract against a float32
-``finetuned - base`` made tensor by tensor (cast to the output dtype), apply and merge against
-the fine-tuned model (PEFT's merge bits; cast to the output dtype for apply), lora-delta
-against ``scaling * B @ A`` of whole tensors, compare's figures against the whole-tensor
+``finetuned - base`` made tensor by tensor (cast to the output dtype), merge against the
+fine-tuned model (PEFT's merge bits), apply against ``base + tv`` in float64 rounded once to
+the output dtype (the fine-tuned model's bits, except the elements where the float32 task
+vector was itself rounded: counted as ``round_trip_inexact``), lora-delta against ``scaling * B @ A`` of whole tensors, compare's figures against the whole-tensor
 float64 peer or its tensor-by-tensor twin, each within 1e-9. Exit status 1 when any row
 failed or any check did not pass, 2 when nothing failed but the time budget (``--budget-s``)
 cut rows; the summary at the end lists them.
@@ -688,7 +689,7 @@ def op_plan(
     if op == "extract":
         check = ["check", "{out}", tv, eff_out]
     elif op == "apply":
-        check = ["check", "{out}", ft, eff_out]
+        check = ["apply", "{out}", ft, base, tv, eff_out]
     elif op == "merge":
         check = ["check", "{out}", ft]
     elif op == "lora-delta":
