@@ -1199,6 +1199,21 @@ def check_text(r: dict) -> str:
                 f"figures within 1e-9 of the {c.get('against', 'reference')} "
                 f"(max rel {c.get('max_rel_err', 0):.1e})"
             )
+        elif "within_4_ulps" in c:  # a merge-method hook: against mergekit, element-wise
+            parts.append(
+                f"{c['identical']} of {c['elements']} elements identical, "
+                f"{c['within_4_ulps']} within 4 ulps, {c.get('tied_threshold', 0)} at a "
+                f"magnitude tie, {c.get('unexplained', 0)} unexplained"
+            )
+        elif c.get("relative_gap") is not None:  # the extract-lora hook, against mergekit
+            # relative_gap = (mergekit's - ours) / mergekit's mean retained energy
+            ours = -c["relative_gap"]
+            parts.append(f"retained energy {ours:+.1e} relative to mergekit's (+: ours higher)")
+        elif c.get("round_trip_inexact"):
+            parts.append(
+                f"exact (base + tv rounded once; {c['round_trip_inexact']} elements where the "
+                "task vector was rounded differ from the fine-tuned bits)"
+            )
         elif c.get("within_ulp"):
             parts.append(
                 f"within 1 ulp ({c.get('unequal_elements', 0)} of "
