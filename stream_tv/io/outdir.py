@@ -51,6 +51,15 @@ class OutputDir:
 
     # ---- what is there ------------------------------------------------------------------
 
+    def claim(self) -> None:
+        """Before a writer reads the directory's state: refuse what is not a directory or
+        holds a link, and lock it if a run was here (a run in progress owns its journal)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError("exists and is not a directory", where=str(self.path))
+        self.refuse_links()
+        if self.state_dir.is_dir():
+            self.lock()
+
     def refuse_links(self) -> None:
         """Refuse a directory that holds a symbolic link where stream-tv would write."""
         for p in [*self._entries(self.path), *self._entries(self.state_dir)]:

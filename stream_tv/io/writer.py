@@ -183,11 +183,7 @@ class ShardWriter:
 
     def _begin(self) -> None:
         out, d = self.out, self.dir
-        if out.exists() and not out.is_dir():
-            raise OutputError("exists and is not a directory", where=str(out))
-        d.refuse_links()
-        if d.state_dir.is_dir():
-            d.lock()  # before reading the journal: a run in progress owns it
+        d.claim()  # before reading the journal
         state, unreadable = _read_state(d.state_dir / STATE_FILE)
         finished = (out / INDEX_NAME).is_file()
         # A directory holding only what a run of ours left before it could keep a journal

@@ -112,11 +112,7 @@ class AdapterOutput:
 
     def _prepare(self, options) -> None:
         out, d = self.path, self.dir
-        if out.exists() and not out.is_dir():
-            raise OutputError("exists and is not a directory", where=str(out))
-        d.refuse_links()
-        if d.state_dir.is_dir():
-            d.lock()  # before reading the journal: a run in progress owns it
+        d.claim()  # before reading the journal
         state = _read_state(d.state_dir / STATE_FILE)
         names = [p.name for p in _entries(out)]
         finished = any(n in OURS for n in names)
