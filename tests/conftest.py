@@ -15,8 +15,11 @@ Generic on purpose, for every test module:
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +35,13 @@ INDEX = "model.safetensors.index.json"
 # hypothesis keeps exploring new ones. `.ci/run` sets HYPOTHESIS_PROFILE=ci.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# The model-facts memo (stream_tv/lora/facts_cache.py) of this run, for every test and the CLI
+# subprocesses they start: never the user's own cache. Each key is read fresh once per run.
+_CACHE = tempfile.mkdtemp(prefix="stream-tv-test-cache-")
+os.environ["STREAM_TV_CACHE_DIR"] = _CACHE
+os.environ.pop("STREAM_TV_FACTS_CACHE", None)
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def save_checkpoint(

@@ -34,7 +34,7 @@ from ..errors import AdapterError, ModelDefinitionError
 from ..io.index import BASE_CONFIG_NAME, MAX_INDEX_BYTES, Checkpoint, TensorSpec, read_json
 from .adapter import Adapter, LoraModule
 from .config import pattern_key
-from .model_facts import CONFIG_NAME, ModelFacts, NoFacts, read_model_facts, transformers_status
+from .model_facts import CONFIG_NAME, ModelFacts, NoFacts, read_model_facts, transformers_install
 from .plan import MergePlan, Planned, TensorMerge
 
 # Bytes compared per read when two stored tensors must be compared (tied weights).
@@ -116,8 +116,8 @@ def facts_for(
     """The model facts of ``base`` for ``adapter`` (cached per base files and class), or
     :class:`NoFacts` saying why there are none. A config that names a class which cannot be
     built raises (:class:`~stream_tv.errors.ModelDefinitionError`): never guessed around."""
-    tf, why = transformers_status()
-    if tf is None:
+    install, why = transformers_install()
+    if install is None:
         return NoFacts(why, "pip install 'stream-tv[transformers]'")
     config = config if config is not None else read_config(base)
     if config is None:

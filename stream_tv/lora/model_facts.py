@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ import torch
 
 from ..errors import AdapterError, ModelDefinitionError
 from ..io.index import Checkpoint, dtype_name, load_checkpoint
+from . import facts_cache
 
 CONFIG_NAME = "config.json"
 MIN_TRANSFORMERS = (5, 0)
@@ -312,18 +312,27 @@ class ModelFacts:
 
 def transformers_status() -> tuple[Any | None, str | None]:
     """``(transformers module, None)``, or ``(None, reason)`` when it is missing or too old."""
-    try:
-        import transformers
-    except ImportError:
-        return None, "transformers is not installed"
-    version = getattr(transformers, "__version__", "0")
-    nums = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-    if nums < MIN_TRANSFORMERS:
-        return None, (
-            f"transformers {version} is older than {'.'.join(map(str, MIN_TRANSFORMERS))}: its "
-            "tied-weight and conversion rules differ from the ones PEFT 0.21 merges with"
-        )
+    install, why = transformers_install()
+    if install is None:
+        return None, why
+    import transformers
+
     return transformers, None
+
+
+def transformers_install() -> tuple[facts_cache.TransformersInstall | None, str | None]:
+    """The transformers that would read the facts, found without importing it (``import
+    transformers`` alone costs half an ``import torch``), or ``(None, reason)``."""
+    install = facts_cache.installed_transformers()
+    if install is None:
+        return None, "transformers is not installed"
+    if facts_cache.version_tuple(install.version) < MIN_TRANSFORMERS:
+        return None, (
+            f"transformers {install.version} is older than "
+            f"{'.'.join(map(str, MIN_TRANSFORMERS))}: its tied-weight and conversion rules "
+            "differ from the ones PEFT 0.21 merges with"
+        )
+    return install, None
 
 
 def read_model_facts(
@@ -346,10 +355,10 @@ def read_model_facts(
     Returns :class:`NoFacts` when transformers (>= 5) is missing or there is no config; raises
     :class:`ModelDefinitionError` when there is a config whose class cannot be built.
     """
-    tf, why = transformers_status()
+    install, why = transformers_install()
     checkpoint = _as_checkpoint(base)
     where = checkpoint.reference if checkpoint is not None else (str(base) if base else "config")
-    if tf is None:
+    if install is None:
         return NoFacts(why, "pip install 'stream-tv[transformers]'")
     if config is None:
         config = _read_config_json(checkpoint, base)
@@ -358,7 +367,16 @@ def read_model_facts(
                 f"{where}: no {CONFIG_NAME}",
                 f"put the base model's {CONFIG_NAME} next to its safetensors files",
             )
-    return _build_facts(tf, dict(config), checkpoint, dtype, architecture, where)
+    # the facts are a pure function of these inputs: read them once per model (facts_cache)
+    key = facts_cache.cache_key(install, config, dtype, architecture, checkpoint)
+    facts = facts_cache.load(key)
+    if facts is None:
+        tf, why = transformers_status()
+        if tf is None:
+            return NoFacts(why, "pip install 'stream-tv[transformers]'")
+        facts = _build_facts(tf, dict(config), checkpoint, dtype, architecture, where)
+        facts_cache.store(key, facts)
+    return facts
 
 
 def _as_checkpoint(base) -> Checkpoint | None:
