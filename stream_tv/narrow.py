@@ -16,7 +16,9 @@ few elements where that can differ.
 - fp16 from float64: float32 values whose low 12 bits are zero (every fp16 midpoint, normal,
   subnormal or the overflow threshold 65520, has them; so do a few other values);
 - fp16 from ``f - b`` of 32-bit floats: inexact differences (TwoSum's exact error), since
-  exact differences of fp16 values have their low bits zero far too often for the test above.
+  exact differences of fp16 values have their low bits zero far too often for the test above;
+- fp16 from ``f - b`` of two bf16 values: float32 values ``2**-25 <= |s| < 2**-16``, a range
+  test on the bits, no TwoSum (:func:`_tiny_difference` says why no other can be wrong).
 
 Suspects are recomputed the reference way, so every element equals the reference's result
 (``benchmarks/exhaustive_rounding.py`` checks all 2**32 pairs of 16-bit inputs). Locating
@@ -84,8 +86,10 @@ def subtract_narrow(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torc
     if f.dtype == b.dtype == out.dtype:
         return torch.sub(f.reshape(out.shape), b.reshape(out.shape), out=out)
     if out.dtype == torch.bfloat16:
-        return _rounded(out, [f, b], value, _bf16_midpoints, exact, lowest=_INT32_MIN, scratch=1)
-    return _rounded(out, [f, b], value, _inexact_difference, exact, lowest=None, scratch=3)
+        return _rounded(out, [f, b], value, _bf16_midpoints, exact, below=_INT32_MIN + 1, scratch=1)
+    if f.dtype == b.dtype == torch.bfloat16:
+        return _rounded(out, [f, b], value, _tiny_difference, exact, below=_TINY_BELOW, scratch=1)
+    return _rounded(out, [f, b], value, _inexact_difference, exact, below=None, scratch=3)
 
 
 def round_from_float64(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -97,10 +101,10 @@ def round_from_float64(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         s.copy_(p[0])
 
     if dtype == torch.bfloat16:
-        key, lowest = _bf16_midpoints, _INT32_MIN
+        key, below = _bf16_midpoints, _INT32_MIN + 1
     else:
-        key, lowest = _fp16_midpoint_candidates, 0
-    return _rounded(out, [x], value, key, lambda p: p[0], lowest=lowest, scratch=1)
+        key, below = _fp16_midpoint_candidates, 1
+    return _rounded(out, [x], value, key, lambda p: p[0], below=below, scratch=1)
 
 
 def _bf16_midpoints(p: Parts, work: torch.Tensor) -> torch.Tensor:
@@ -112,6 +116,28 @@ def _bf16_midpoints(p: Parts, work: torch.Tensor) -> torch.Tensor:
 def _fp16_midpoint_candidates(p: Parts, work: torch.Tensor) -> torch.Tensor:
     """Key, in place of the float32 values ``work[0]``: zero where the low 12 bits are."""
     return work[0].view(torch.int32).bitwise_and_(0xFFF)
+
+
+# 2**-25 (the smallest fp16 midpoint) and 2**-16 as float32 bits without the sign
+_TINY_LO, _TINY_HI = (127 - 25) << 23, (127 - 16) << 23
+_TINY_BELOW = _INT32_MIN + (_TINY_HI - _TINY_LO)
+
+
+def _tiny_difference(p: Parts, work: torch.Tensor) -> torch.Tensor:
+    """Key, in place of ``s = work[0] = float32(f - b)`` for bf16 ``f``, ``b``: below
+    ``_TINY_BELOW`` exactly where ``2**-25 <= |s| < 2**-16``.
+
+    # subtle: ``f - b`` of two bf16 values (8-bit significands) needs ``9 + g`` bits, ``g`` the
+    # gap between their exponents, so it is inexact in float32 only for ``g >= 16``; ``s``
+    # then lies within ``2**-15`` (relative) of the larger operand ``L``. Where ``L`` is an
+    # fp16 value (``2**-24`` divides it and ``|L| <= 65504``) its nearest fp16 midpoints are
+    # ``2**-12`` (relative) away, too far for ``s`` to sit on one; above, ``s`` overflows the
+    # same way rounded once or twice; below, ``|s| < 2**-16``. No midpoint is below
+    # ``2**-25``. Checked for all 2**32 pairs (benchmarks/exhaustive_rounding.py bf16:fp16).
+    """
+    k = work[0].view(torch.int32).bitwise_and_(0x7FFF_FFFF)  # |s| as bits
+    # k - lo in unsigned order (xor of the sign bit): one comparison tests lo <= k < hi
+    return k.sub_(_TINY_LO).bitwise_xor_(_INT32_MIN)
 
 
 def _inexact_difference(p: Parts, work: torch.Tensor) -> torch.Tensor:
@@ -135,20 +161,21 @@ def _rounded(
     key: Callable[[Parts, torch.Tensor], torch.Tensor],
     exact: Callable[[Parts], torch.Tensor],
     *,
-    lowest: int | None,
+    below: int | None,
     scratch: int,
 ) -> torch.Tensor:
     """The shared loop: ``out`` (flat) = ``value`` rounded to ``out.dtype``, block by block,
     then the suspects set to ``round_to_odd32(exact(...))``. The suspects: where the int32
-    ``key`` equals ``lowest``, which no key value is below; or, with ``lowest=None``, where
-    the key (then >= 0) is not zero. ``scratch``: the float32 rows ``key`` uses."""
+    ``key`` is below ``below`` (each row's minimum is kept); or, with ``below=None``, where
+    the key (then >= 0) is not zero (each row's maximum). ``scratch``: the float32 rows
+    ``key`` uses."""
     o = out.view(-1)
     flat = [x.reshape(-1) for x in inputs]
     n = o.numel()
     full = n - n % ROW
     work = torch.empty((scratch, min(full, BLOCK)), dtype=torch.float32)
     marks = torch.empty(full // ROW, dtype=torch.int32)
-    reduce = torch.amax if lowest is None else torch.amin
+    reduce = torch.amax if below is None else torch.amin
     for start in range(0, full, BLOCK):
         stop = min(start + BLOCK, full)
         parts = [x[start:stop] for x in flat]
@@ -156,7 +183,7 @@ def _rounded(
         value(parts, w[0])
         o[start:stop].copy_(w[0])
         reduce(key(parts, w).view(-1, ROW), 1, out=marks[start // ROW : stop // ROW])
-    hit = _suspects(marks, lowest)
+    hit = _suspects(marks, below)
     per_pass = BLOCK // ROW
     for i in range(0, hit.numel(), per_pass):  # the rows holding a suspect, a block at a time
         rows = hit[i : i + per_pass]
@@ -164,7 +191,7 @@ def _rounded(
         w = torch.empty((scratch, parts[0].numel()), dtype=torch.float32)
         value(parts, w[0])
         k = key(parts, w)
-        local = _suspects(k, lowest)
+        local = _suspects(k, below)
         idx = rows[local // ROW] * ROW + local % ROW
         o[idx] = round_to_odd32(exact([x[idx] for x in flat])).to(o.dtype)
     if full < n:  # the last n % ROW elements: the reference way, all of them
@@ -172,6 +199,6 @@ def _rounded(
     return out
 
 
-def _suspects(key: torch.Tensor, lowest: int | None) -> torch.Tensor:
+def _suspects(key: torch.Tensor, below: int | None) -> torch.Tensor:
     """Flat indices of the suspects among ``key`` (see :func:`_rounded`)."""
-    return ((key != 0) if lowest is None else (key == lowest)).nonzero().view(-1)
+    return ((key != 0) if below is None else (key < below)).nonzero().view(-1)

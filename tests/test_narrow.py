@@ -115,3 +115,23 @@ def test_round_to_with_every_element_a_suspect():
     x = torch.cat([x, x + half_ulp(x.half()) * (1 - 2.0**-40)])
     got = ops.round_to(x, torch.float16)
     assert same_bits(got, round_to_odd32(x).to(torch.float16))
+
+
+def test_bf16_differences_that_round_twice_wrong_into_fp16_are_repaired():
+    # 2**-25 is the midpoint between fp16's 0 and its smallest subnormal: f - b a hair above
+    # or below it rounds to float32 *on* it, and then to even (0); once, it rounds away.
+    bf = torch.bfloat16
+    f = torch.tensor([2.0**-25, 2.0**-25, -(2.0**-25), 3 * 2.0**-25, 2.0**-20, 0.0], dtype=bf)
+    b = torch.tensor([-(2.0**-60), 2.0**-60, 2.0**-60, 2.0**-70, 2.0**-60, 0.0], dtype=bf)
+    twice = (f.float() - b.float()).to(torch.float16)
+    assert twice[0].item() == 0.0 and twice[3].item() == 2.0**-23  # both wrong
+    got = subtract_narrow(f, b, torch.empty(6, dtype=torch.float16))
+    want = reference(f, b, torch.float16)
+    assert same_bits(got, want)
+    assert got[:4].tolist() == [2.0**-24, 0.0, -(2.0**-24), 2.0**-24]
+    # and inside blocks and rows of exact zeros (unchanged weights), nothing else moves
+    big_f = torch.zeros(3 * (1 << 16) + 5, dtype=bf)
+    big_b = torch.zeros_like(big_f)
+    big_f[1000 : 1000 + 6], big_b[1000 : 1000 + 6] = f, b
+    got = subtract_narrow(big_f, big_b, torch.empty(big_f.numel(), dtype=torch.float16))
+    assert same_bits(got, reference(big_f, big_b, torch.float16))
