@@ -458,7 +458,7 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "method, kwargs", CONFIGS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CONFIGS)]
 )
@@ -470,6 +470,36 @@ def test_equals_a_float64_whole_tensor_reference(method, kwargs, dtype):
     for k in base:
         want = reference_merge(spec, k, base[k], [t[k] for t in taus], dtype)
         assert same_bytes(got[k], want), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "method, kwargs", CONFIGS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CONFIGS)]
+)
+def test_16_bit_task_vectors_equal_the_reference(method, kwargs, dtype):
+    # ``extract --dtype bfloat16`` task vectors: 16-bit magnitude keys, one select pass
+    base, _, taus = models(dtype, seed=5)
+    taus = [{k: v.to(dtype) for k, v in t.items()} for t in taus]
+    spec = M.merge_spec(method, 3, **kwargs)
+    got = ours(spec, base, taus, rows_per_chunk=7)
+    for k in base:
+        want = reference_merge(spec, k, base[k], [t[k] for t in taus], dtype)
+        assert same_bytes(got[k], want), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_the_inputs_are_left_as_they_were(dtype):
+    # the merge works in place on its own float64 copies; a float64 input is no copy of its own
+    base, _, taus = models(dtype, seed=4)
+    before = (
+        {k: v.clone() for k, v in base.items()},
+        [{k: v.clone() for k, v in t.items()} for t in taus],
+    )
+    for method, kwargs in CONFIGS:
+        ours(M.merge_spec(method, 3, **kwargs), base, taus, rows_per_chunk=5)
+        assert all(torch.equal(base[k], before[0][k]) for k in base), method
+        for t, t0 in zip(taus, before[1], strict=True):
+            assert all(torch.equal(t[k], t0[k]) for k in t), method
 
 
 def test_inputs_with_ties_at_the_threshold_keep_the_lowest_index():
@@ -979,3 +1009,46 @@ def test_ties_of_three_tiny_llamas_against_mergekit_yaml(tmp_path):
     total = sum(b.numel() for b in base.values())
     print(f"{compared} of {total} elements within 4 ulps; {tied_elements} at a tied threshold")
     assert compared > total / 2
+
+
+def _disjoint_rule(cols, weights, base):
+    """The disjoint sum element by element, in Python floats: elect the sign of the total
+    (NaN >= 0 is false: -), sum the terms of that sign, divide by their weights (1 if none)."""
+    out = []
+    for j, col in enumerate(cols):
+        wd = [t * w for t, w in zip(col, weights, strict=True)]
+        total = wd[0] + wd[1] + wd[2]
+        positive = total >= 0
+        agree = [(x > 0) if positive else (x < 0) for x in wd]
+        mixed = 0.0
+        for x, a in zip(wd, agree, strict=True):
+            mixed += x if a else 0.0
+        div = sum(w for w, a in zip(weights, agree, strict=True) if a) or 1.0
+        out.append(float(base[j]) + mixed / div)
+    return out
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_ties_consensus_with_nan_inf_and_signed_zeros_follows_the_rule(with_nan):
+    inf, nan = math.inf, math.nan
+    cols = [
+        (1.0, -2.0, 0.5),
+        (inf, 1.0, -3.0),  # an infinite term agrees with its total
+        (-0.0, 0.0, -0.0),
+        (-inf, 2.0, 0.0),
+        (0.0, 0.0, 0.0),
+        (1e308, 1e308, -1.0),  # a total that overflows to inf
+    ]
+    if with_nan:  # a NaN total: - is elected and the NaN left out (the exact, slower path)
+        cols += [(nan, 1.0, -1.0), (inf, -inf, 1.0)]
+    weights = [1.0, 0.5, 0.7]
+    taus = [torch.tensor([c[i] for c in cols], dtype=torch.float64) for i in range(3)]
+    base = torch.linspace(-1, 1, len(cols), dtype=torch.float64)
+    spec = M.merge_spec("ties", 3, density=1.0, weights=weights)
+    got = M.merge_tensor(spec, "w", base, taus)
+    want = torch.tensor(_disjoint_rule(cols, weights, base), dtype=torch.float64)
+    assert same_bytes(got, want), (got.tolist(), want.tolist())
+    # the same elements inside a larger block of ordinary values: the same numbers
+    big = [torch.cat([torch.randn(1000, dtype=torch.float64), t]) for t in taus]
+    big_base = torch.cat([torch.zeros(1000, dtype=torch.float64), base])
+    assert same_bytes(M.merge_tensor(spec, "w", big_base, big)[1000:], got)

@@ -320,34 +320,25 @@ class TensorMerger:
                     continue  # adds 0 (and, with consensus, never agrees)
                 block = t[lo:hi]
                 keep = self._keep(x, block, start + a, b - a)
-                d = block.to(torch.float64)
+                d = block.to(torch.float64, copy=True)  # owned: the products below are in place
                 if keep is not None:
-                    d = d * keep  # tau * mask, as mergekit: a dropped NaN stays NaN
+                    d.mul_(keep)  # tau * mask, as mergekit: a dropped NaN stays NaN
                     if self.spec.rescale == "l1" and x.factor != 1.0:
-                        d = d * x.factor
+                        d.mul_(x.factor)
                     elif self.spec.rescale == "density":
-                        d = d * (1.0 / x.density)
-                terms.append((d * x.weight, x.weight))
+                        d.mul_(1.0 / x.density)
+                terms.append((d.mul_(x.weight), x.weight))
             o[lo:hi].copy_(self._combine(b_flat[lo:hi], terms))
         return out
 
     def _combine(self, base: torch.Tensor, terms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
         """``base + lambda * (disjoint / plain) weighted sum``, in float64, rounded once."""
         spec = self.spec
-        acc = base.to(torch.float64)
+        acc = base.to(torch.float64, copy=True)  # a float64 base block is the caller's
+        # every step is the float64 operation of the plain formula, in the same order (in
+        # place: the terms are this block's own), so the bits are the formula's
         if spec.method.consensus:
-            mixed = torch.zeros_like(acc)
-            divisor = torch.zeros_like(acc)
-            if terms:
-                total = terms[0][0].clone()
-                for wd, _ in terms[1:]:
-                    total += wd
-                positive = total >= 0  # mergekit: a zero sum elects +
-                for wd, w in terms:
-                    agree = torch.where(positive, wd > 0, wd < 0)
-                    mixed += torch.where(agree, wd, 0.0)
-                    divisor += agree.to(torch.float64) * w
-            divisor = torch.where(divisor == 0, 1.0, divisor)
+            mixed, divisor = _disjoint_sum(terms, acc)
         else:
             mixed = torch.zeros_like(acc)
             for wd, _ in terms:
@@ -355,11 +346,43 @@ class TensorMerger:
             total_w = math.fsum(spec.weights)
             divisor = 1.0 if abs(total_w) < _DIVISOR_EPS else total_w
         if spec.normalize:
-            mixed = mixed / divisor
+            mixed.div_(divisor)
         if spec.lam != 1:
-            mixed = mixed * spec.lam
+            mixed.mul_(spec.lam)
         acc += mixed
         return round_to(acc, self.out_dtype)
+
+
+def _disjoint_sum(
+    terms: list[tuple[torch.Tensor, float]], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES' disjoint merge of the weighted terms: the sum of those whose sign agrees with
+    their total's (mergekit: a zero total elects +), and the sum of their weights (1 where
+    none agrees).
+
+    # subtle: ``agree`` is float64 1/0, so ``term * agree`` replaces ``torch.where(agree, term,
+    # 0)`` (4x slower) wherever that is the same number: where no term is NaN (no total is).
+    # An infinite term then agrees with its total's sign (infinities of both signs make the
+    # total NaN), and a -0.0 product added to ``mixed`` (from +0.0) leaves +0.0.
+    """
+    mixed = torch.zeros_like(like)
+    divisor = torch.zeros_like(like)
+    if terms:
+        total = terms[0][0].clone()
+        for wd, _ in terms[1:]:
+            total += wd
+        sign = torch.ge(total, 0.0, out=torch.empty_like(like)).mul_(2.0).sub_(1.0)
+        exact_product = not math.isnan(float(total.sum()))  # inf - inf here is NaN too
+        agree = torch.empty_like(like)
+        for wd, w in terms:
+            # wd * sign > 0: wd > 0 where + was elected, wd < 0 where -, never 0 or NaN
+            torch.gt(torch.mul(sign, wd, out=total), 0.0, out=agree)
+            if exact_product:
+                mixed.addcmul_(wd, agree)
+            else:
+                mixed += torch.where(agree.bool(), wd, 0.0)
+            divisor.add_(agree, alpha=w)
+    return mixed, divisor.masked_fill_(divisor == 0, 1.0)
 
 
 def merge_tensor(

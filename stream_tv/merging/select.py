@@ -17,6 +17,7 @@ from ..errors import InputError
 _DIGIT = 16
 _BUCKETS = 1 << _DIGIT
 MAG_BITS = {2: 15, 4: 31, 8: 63}  # magnitude bits of a float of this many bytes
+_KEY_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def select_passes(dtype: torch.dtype) -> int:
@@ -29,18 +30,19 @@ def select_passes(dtype: torch.dtype) -> int:
 
 
 def magnitude_key(x: torch.Tensor) -> torch.Tensor:
-    """The bits of ``|x|`` as non-negative int64: ordered as the magnitudes (NaN above inf).
+    """The bits of ``|x|`` as non-negative integers of ``x``'s width (int16, int32, int64):
+    ordered as the magnitudes (NaN above inf).
 
     >>> magnitude_key(torch.tensor([-1.0, 0.5, -0.0, float("inf")])).tolist()
     [1065353216, 1056964608, 0, 2139095040]
+    >>> magnitude_key(torch.tensor([-1.0, 2.0], dtype=torch.bfloat16)).dtype
+    torch.int16
     """
     n = x.dtype.itemsize
     if not x.is_floating_point() or n not in MAG_BITS:
         raise InputError(f"cannot rank magnitudes of {x.dtype} values", hint="use a float tensor")
-    if n == 8:
-        return x.view(torch.int64) & 0x7FFF_FFFF_FFFF_FFFF
-    ints = x.view(torch.int16 if n == 2 else torch.int32).to(torch.int64)
-    return ints & ((1 << MAG_BITS[n]) - 1)
+    # the sign bit cleared: non-negative in the signed type of the same width, so no widening
+    return x.view(_KEY_DTYPE[n]) & ((1 << MAG_BITS[n]) - 1)
 
 
 @dataclass
@@ -97,14 +99,15 @@ class RadixSelect:
 
     def update_keys(self, key: torch.Tensor) -> None:
         shift = self._shift()
-        digit = (key >> shift) & (_BUCKETS - 1)
+        high = key >> shift if shift else key  # the digit of this pass and those above it
         for prefix in set(self._prefix):
-            if self._pass > 0:  # restrict to keys inside the prefix's range
-                inside = (key >> (shift + _DIGIT)) == prefix
-                d = torch.where(inside, digit, _BUCKETS)
+            if self._pass == 0:  # the top digit, below 2**15: no mask
+                h = torch.bincount(high, minlength=_BUCKETS)
             else:
-                d = digit
-            h = torch.bincount(d, minlength=_BUCKETS + 1)[:_BUCKETS]
+                # inside the prefix's range, high - (prefix << 16) is the digit, 0..65535;
+                # outside it clamps to -1 or 65536, the two buckets not counted
+                d = (high - (prefix << _DIGIT)).clamp_(-1, _BUCKETS).add_(1)
+                h = torch.bincount(d, minlength=_BUCKETS + 2)[1 : _BUCKETS + 1]
             if prefix in self._hists:
                 self._hists[prefix] += h
             else:
