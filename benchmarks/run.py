@@ -967,6 +967,9 @@ def measure_plan(
             if spec.get("fresh_memo"):
                 shutil.rmtree(spec["fresh_memo"], ignore_errors=True)
             cached = cache.prepare(cache_state, plan["in_files"], t, env)
+            if budget.spent(args.margin):  # warming the inputs from a slow disk took the rest
+                skip[t] = "skipped: time budget spent while warming the inputs"
+                continue
             time.sleep(args.settle)
             load = os.getloadavg()[0]
             slug = "".join(c if c.isalnum() or c in "-." else "_" for c in t)
