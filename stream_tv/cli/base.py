@@ -248,6 +248,10 @@ def cli(debug: bool) -> None:
       stream-tv demo ./stream-tv-demo              # a small example, end to end
       stream-tv merge org/base ./lora -o ./merged  # PEFT-exact merge, streamed
       stream-tv compare --base org/base --finetuned ./merged --adapter ./lora
+
+    merge, lora-delta, compare and extract-lora read the base's model definition from
+    transformers once per model and keep the facts in ~/.cache/stream-tv/model-facts
+    ($STREAM_TV_CACHE_DIR; STREAM_TV_FACTS_CACHE=0 turns this off).
     """
     State.debug = debug
 
