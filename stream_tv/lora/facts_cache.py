@@ -29,11 +29,11 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -88,10 +88,6 @@ def _editable(dist: importlib.metadata.Distribution) -> bool:
     return bool((info.get("dir_info") or {}).get("editable"))
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-
-
 # ---- the key --------------------------------------------------------------------------------
 
 
@@ -113,9 +109,7 @@ def cache_key(
             h.update(b"\0")
 
     put(FORMAT, install.version, os.path.realpath(install.origin), torch.__version__)
-    here = Path(__file__).parent
-    for name in _READERS:
-        put(name, hashlib.sha256((here / name).read_bytes()).hexdigest())
+    put(_code_digest())
     put(json.dumps(config, sort_keys=True, default=str))
     put(_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype), architecture)
     if checkpoint is None:
@@ -125,6 +119,16 @@ def cache_key(
         put(json.dumps(checkpoint.metadata, sort_keys=True, default=str))
         for s in checkpoint.tensors.values():
             put(s.name, s.file.name, s.dtype_str, s.shape)
+    return h.hexdigest()
+
+
+@cache
+def _code_digest() -> str:
+    """The sha256 of the modules that read the facts (read once per process)."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in _READERS:
+        h.update(name.encode() + b"\0" + hashlib.sha256((here / name).read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -240,11 +244,10 @@ def decode(d: Mapping[str, Any]):
     """The :class:`~.model_facts.ModelFacts` :func:`encode` wrote."""
     from .model_facts import KeySlice, ModelFacts, ModuleFact, ParamFact, TiePair
 
-    def tup(v) -> tuple:
-        return tuple(v)
-
     modules = {
-        m[0]: ModuleFact(m[0], m[1], m[2], _shape(m[3]), _shape(m[4]), tup(m[5]), tup(m[6]), m[7])
+        m[0]: ModuleFact(
+            m[0], m[1], m[2], _shape(m[3]), _shape(m[4]), tuple(m[5]), tuple(m[6]), m[7]
+        )
         for m in d["modules"]
     }
     params = {
@@ -252,7 +255,7 @@ def decode(d: Mapping[str, Any]):
         for p in d["params"]
     }
     slices = {
-        k[0]: KeySlice(k[1], k[2], k[3], k[4], k[5], tup(k[6]), k[7]) for k in d["param_of_key"]
+        k[0]: KeySlice(k[1], k[2], k[3], k[4], k[5], tuple(k[6]), k[7]) for k in d["param_of_key"]
     }
     return ModelFacts(
         **{f: d[f] for f in ("architecture", "model_type", "transformers_version")},
@@ -267,12 +270,12 @@ def decode(d: Mapping[str, Any]):
         keep_in_fp32_strict=frozenset(d["keep_in_fp32_strict"]),
         input_embeddings=d["input_embeddings"],
         output_embeddings=d["output_embeddings"],
-        conversions=tup(d["conversions"]),
+        conversions=tuple(d["conversions"]),
         ties=tuple(TiePair(*t) for t in d["ties"]),
         param_of_key=MappingProxyType(slices),
-        keys_of_param=MappingProxyType({k: tup(v) for k, v in d["keys_of_param"]}),
-        unexpected_keys=tup(d["unexpected_keys"]),
-        missing_params=tup(d["missing_params"]),
-        saved_as=MappingProxyType({k: None if v is None else tup(v) for k, v in d["saved_as"]}),
-        conversions_used=tup(d["conversions_used"]),
+        keys_of_param=MappingProxyType({k: tuple(v) for k, v in d["keys_of_param"]}),
+        unexpected_keys=tuple(d["unexpected_keys"]),
+        missing_params=tuple(d["missing_params"]),
+        saved_as=MappingProxyType({k: None if v is None else tuple(v) for k, v in d["saved_as"]}),
+        conversions_used=tuple(d["conversions_used"]),
     )

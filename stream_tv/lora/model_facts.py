@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,23 +311,13 @@ class ModelFacts:
 # --------------------------------------------------------------------------------------
 
 
-def transformers_status() -> tuple[Any | None, str | None]:
-    """``(transformers module, None)``, or ``(None, reason)`` when it is missing or too old."""
-    install, why = transformers_install()
-    if install is None:
-        return None, why
-    import transformers
-
-    return transformers, None
-
-
 def transformers_install() -> tuple[facts_cache.TransformersInstall | None, str | None]:
     """The transformers that would read the facts, found without importing it (``import
     transformers`` alone costs half an ``import torch``), or ``(None, reason)``."""
     install = facts_cache.installed_transformers()
     if install is None:
         return None, "transformers is not installed"
-    if facts_cache.version_tuple(install.version) < MIN_TRANSFORMERS:
+    if tuple(int(x) for x in re.findall(r"\d+", install.version)[:2]) < MIN_TRANSFORMERS:
         return None, (
             f"transformers {install.version} is older than "
             f"{'.'.join(map(str, MIN_TRANSFORMERS))}: its tied-weight and conversion rules "
@@ -371,9 +362,8 @@ def read_model_facts(
     key = facts_cache.cache_key(install, config, dtype, architecture, checkpoint)
     facts = facts_cache.load(key)
     if facts is None:
-        tf, why = transformers_status()
-        if tf is None:
-            return NoFacts(why, "pip install 'stream-tv[transformers]'")
+        import transformers as tf
+
         facts = _build_facts(tf, dict(config), checkpoint, dtype, architecture, where)
         facts_cache.store(key, facts)
     return facts
