@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["BLOCK", "ROW", "round_from_float64", "round_to_odd32", "subtract_narrow"]
@@ -185,18 +186,32 @@ def _rounded(
         reduce(key(parts, w).view(-1, ROW), 1, out=marks[start // ROW : stop // ROW])
     hit = _suspects(marks, below)
     per_pass = BLOCK // ROW
-    for i in range(0, hit.numel(), per_pass):  # the rows holding a suspect, a block at a time
+    grid = o[:full].view(-1, ROW)
+    # The rows holding a suspect (one in 2**16 elements of a bf16 result holds a midpoint: a
+    # few rows per block), every element of them the reference way: the others get the
+    # bits they have, and the row needs no search for its suspects.
+    for i in range(0, hit.numel(), per_pass):
         rows = hit[i : i + per_pass]
         parts = [x[:full].view(-1, ROW)[rows].view(-1) for x in flat]
-        w = torch.empty((scratch, parts[0].numel()), dtype=torch.float32)
-        value(parts, w[0])
-        k = key(parts, w)
-        local = _suspects(k, below)
-        idx = rows[local // ROW] * ROW + local % ROW
-        o[idx] = round_to_odd32(exact([x[idx] for x in flat])).to(o.dtype)
+        grid[rows] = _reference(exact(parts), o.dtype).view(-1, ROW)
     if full < n:  # the last n % ROW elements: the reference way, all of them
-        o[full:] = round_to_odd32(exact([x[full:] for x in flat])).to(o.dtype)
+        o[full:] = _reference(exact([x[full:] for x in flat]), o.dtype)
     return out
+
+
+def _reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``round_to_odd32(x).to(dtype)`` of a few float64 CPU elements, the float32 step in
+    numpy: a torch call costs several microseconds before it touches an element, a numpy
+    call one, and the repair is ten calls on a few hundred elements."""
+    a = x.numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = a.astype(np.float32)  # to nearest (inf past float32's range, as torch)
+        back = r.astype(np.float64)
+    inexact = back != a
+    bits = r.view(np.int32)
+    bits -= inexact & (np.abs(back) > np.abs(a))  # toward zero where nearest went away
+    bits |= inexact  # the last bit set where inexact: to odd
+    return torch.from_numpy(r).to(dtype)
 
 
 def _suspects(key: torch.Tensor, below: int | None) -> torch.Tensor:

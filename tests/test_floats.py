@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stream_tv.errors import InputError
-from stream_tv.floats import ULP_UNBOUNDED, ordered, ulp_distance
+from stream_tv.floats import ULP_UNBOUNDED, ordered, ulp_counts, ulp_distance
 
 SIXTEEN = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,3 +99,33 @@ def test_ulp_distance_refuses_mixed_or_unsupported_dtypes():
         ulp_distance(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
     with pytest.raises(InputError, match="no ulp distance for torch.float8_e4m3fn"):
         ordered(torch.zeros(2, dtype=torch.float8_e4m3fn))
+
+
+def _counts_reference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int]:
+    d = ulp_distance(a, b)
+    return int((d == 0).sum()), int((d == 1).sum()), int(d.max())
+
+
+@pytest.mark.parametrize("name", sorted(SIXTEEN))
+@pytest.mark.parametrize("changed", [0, 1, 3, 15, 40, 300, 5000])
+@pytest.mark.parametrize("n", [256 * 64, 256 * 64 + 77, 100])
+def test_ulp_counts_takes_every_path_to_the_reference_figures(name, changed, n):
+    """ulp_counts of 16-bit CPU tensors (no difference, a few rows in numpy, many rows
+    gathered, mostly different, a tail past the last whole row) against ulp_distance's own
+    reductions, with NaNs, infinities and both zeros among the changed elements."""
+    dtype = SIXTEEN[name]
+    g = torch.Generator().manual_seed(changed * 7 + n)
+    a = (torch.randn(n, generator=g) * 3).to(dtype)
+    b = a.clone()
+    where = torch.randperm(n, generator=g)[: min(changed, n)]
+    steps = torch.randint(-3, 4, (where.numel(),), generator=g, dtype=torch.int16)
+    b.view(torch.int16)[where] += steps
+    specials = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0], dtype=dtype)
+    if where.numel() >= 10:  # NaN and infinities against numbers, NaN against NaN, +-0
+        a[where[:5]] = specials
+        b[where[5:10]] = specials
+        b[where[0]] = math.nan
+    if where.numel() >= 1:
+        b[where[-1]] = -b[where[-1]]  # across zero
+    assert tuple(int(v) for v in ulp_counts(a, b)) == _counts_reference(a, b)
+    assert tuple(int(v) for v in ulp_counts(a, a.clone())) == (n, 0, 0)
