@@ -24,7 +24,7 @@ Suspects are recomputed the reference way, so every element equals the reference
 (``benchmarks/exhaustive_rounding.py`` checks all 2**32 pairs of 16-bit inputs). Locating
 rare suspects with a bool mask would cost several passes per block, so each block only
 writes the minimum (or maximum) of a key over every 256-element row, one fast pass; after
-the last block, only the rows that hold a suspect are recomputed and searched.
+the last block, only the rows that hold a suspect are recomputed, whole, the reference way.
 
 >>> import torch
 >>> x = torch.tensor([1 + 2**-8 + 2**-30, 1 + 2**-8], dtype=torch.float64)
@@ -202,7 +202,8 @@ def _rounded(
 def _reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``round_to_odd32(x).to(dtype)`` of a few float64 CPU elements, the float32 step in
     numpy: a torch call costs several microseconds before it touches an element, a numpy
-    call one, and the repair is ten calls on a few hundred elements."""
+    call one, and the repair is ten calls on a few hundred elements. The same steps as
+    :func:`round_to_odd32` (keep the two alike; exhaustive_rounding.py checks both)."""
     a = x.numpy()
     with np.errstate(over="ignore", invalid="ignore"):
         r = a.astype(np.float32)  # to nearest (inf past float32's range, as torch)
