@@ -15,9 +15,22 @@ allocated once and reused: resident memory is about 3 slots + one chunk of tempo
 whatever the tensor, shard or model size. The sink is anything with ``write(name, offset,
 bytes)`` and ``abort()``: the shard writer, or verify's comparing sink.
 
+A task may split its work in two (``Task.prepare``, then ``Task.compute``): ``prepare``
+needs only the chunk and the task's session, not what ``compute`` made of the chunks before
+(``compare``: the LoRA product and PEFT's merged rows, while ``compute`` folds figures into
+the tensor's running sums). On CPU a fourth stage runs it, one chunk ahead:
+
+    prepare thread  task.prepare(chunk), in chunk order                    (_prepare_stage)
+
+so on two cores the two halves of a compute-bound task run at once; a fourth slot keeps the
+reader busy, and one more chunk of temporaries (the prepared one) is alive. On a GPU, where
+the device already runs asynchronously, ``prepare`` runs on the main thread just before
+``compute``. ``compute`` finds its result in ``chunk.prepared``.
+
 A task may hold state from its first chunk to its last (LoRA factors on the device, a DoRA
 norm accumulator): ``Task.session(device)`` is a context manager entered before the first
-chunk and exited after the last, or on any error, so nothing stays loaded.
+chunk (by the stage that runs ``prepare``) and exited after the last chunk's ``compute``, or
+on any error, so nothing stays loaded.
 
 ``# subtle:`` a chunk is never a single row unless the tensor has one row (``min_rows``).
 On CPU a matrix product over a few rows can take another kernel whose bits differ from the
@@ -68,6 +81,7 @@ class Chunk:
     out: torch.Tensor | None  # where to put the result (on the compute device), or None
     device: torch.device
     state: Any = None  # what the task's session yielded
+    prepared: Any = None  # what the task's prepare returned for this chunk
 
 
 @dataclass
@@ -79,6 +93,12 @@ class Task:
     the rows are streamed several times, in order; only the last pass writes. ``session``
     (optional) opens per-task state on the device for the task's chunks (``chunk.state``);
     ``finish()`` gives the task's result (e.g. its statistics) after its last chunk.
+
+    ``prepare(chunk)`` (optional) is the part of the work that depends only on the chunk
+    and ``chunk.state``, never on earlier chunks' ``compute``: on CPU it runs on its own
+    thread one chunk ahead, in order, and ``compute`` gets its result as
+    ``chunk.prepared``. It sees ``chunk.out`` as None, and the inputs stay valid until that
+    chunk's ``compute`` has returned.
     """
 
     name: str
@@ -90,6 +110,7 @@ class Task:
     work_row_bytes: int = 0  # temporaries compute needs per row, for chunk sizing
     session: Callable[[torch.device], contextlib.AbstractContextManager[Any]] | None = None
     finish: Callable[[], Any] | None = None
+    prepare: Callable[[Chunk], Any] | None = None
 
     @property
     def rows(self) -> int:
@@ -242,15 +263,16 @@ def run(
     pipe = _Pipeline(list(tasks), list(_plan_steps(tasks, chunk_bytes)), device, sink)
     bar = _progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
     try:
-        with _fewer_torch_threads(_SPARE_CORES), contextlib.ExitStack() as sessions:
+        with _fewer_torch_threads(_SPARE_CORES):
             pipe.start()
-            _compute(pipe, sessions, on_nonfinite, bar)
+            _compute(pipe, on_nonfinite, bar)
             pipe.join()
         if pipe.errors:
             raise pipe.errors[0]
         pipe.reader.check_unchanged()  # no input written while it was read: else all is void
     except BaseException as e:
         pipe.stop()
+        pipe.sessions.close_all()  # after the threads: no stage is using one any more
         if sink is not None:
             sink.abort()
         if isinstance(e, KeyboardInterrupt):
@@ -260,6 +282,7 @@ def run(
         raise
     finally:
         _RUNNING.clear()
+        pipe.sessions.close_all()  # none is left open after a run that ended normally
         pipe.reader.close()
         if bar is not None:
             bar.close()
@@ -302,6 +325,44 @@ class _Stop(Exception):
     """A stage noticed that another one failed."""
 
 
+class _Sessions:
+    """The open sessions of a run, one per task: entered by the stage that runs ``prepare``
+    (at most two are open at once, the computing task's and the next one's when the
+    prepare thread is ahead), exited after the task's last ``compute``."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, tuple[contextlib.ExitStack, Any]] = {}
+        self._lock = threading.Lock()
+
+    def state(self, step: _Step, task: Task, device: torch.device) -> Any:
+        """The task's session state; entered at the task's first step."""
+        if step.first and task.session is not None:
+            stack = contextlib.ExitStack()
+            try:
+                value = stack.enter_context(task.session(device))
+            except BaseException:
+                stack.close()
+                raise
+            with self._lock:
+                self._open[step.task_index] = (stack, value)
+            return value
+        with self._lock:
+            entry = self._open.get(step.task_index)
+        return entry[1] if entry is not None else None
+
+    def close(self, task_index: int) -> None:
+        with self._lock:
+            entry = self._open.pop(task_index, None)
+        if entry is not None:
+            entry[0].close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            entries, self._open = list(self._open.values()), {}
+        for stack, _ in entries:
+            stack.close()
+
+
 class _Pipeline:
     """The queues and threads of one run; the main thread computes (see :func:`_compute`)."""
 
@@ -311,19 +372,26 @@ class _Pipeline:
         self.tasks, self.steps, self.device, self.sink = tasks, steps, device, sink
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        # prepare on its own thread: on CPU, when a task has one (see the module docstring)
+        self.preparing = not self.cuda and any(t.prepare is not None for t in tasks)
         self.free: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(_SLOTS):
+        for _ in range(_SLOTS + self.preparing):
             self.free.put(_Slot(pinned=self.cuda))
         self.ready: queue.Queue = queue.Queue(maxsize=1)
+        self.read: queue.Queue = queue.Queue(maxsize=1) if self.preparing else self.ready
         self.to_write: queue.Queue = queue.Queue(maxsize=1)
         self.stopping = threading.Event()
         self.errors: list[BaseException] = []
         self.reader = Reader()
         self.stats = RunStats()
+        self.sessions = _Sessions()
         self.threads = [
             threading.Thread(target=self._guard(self._read_stage), name="stream-tv-reader"),
             threading.Thread(target=self._guard(self._write_stage), name="stream-tv-writer"),
         ]
+        if self.preparing:
+            stage = self._guard(self._prepare_stage)
+            self.threads.append(threading.Thread(target=stage, name="stream-tv-prepare"))
         for th in self.threads:
             th.daemon = True
 
@@ -384,7 +452,23 @@ class _Pipeline:
                 self.reader.read_into(spec, step.start, step.stop, buf)
                 for spec, buf in zip(task.inputs, bufs[:-1], strict=True)
             ]
-            self.put(self.ready, (step, slot, tensors, bufs[-1]))
+            self.put(self.read, (step, slot, tensors, bufs[-1]))
+        self.put(self.read, None)
+
+    def prepared(self, step: _Step, inputs: list[torch.Tensor]) -> tuple[Any, Any]:
+        """The task's session state for this step, and what its ``prepare`` returns."""
+        task = self.tasks[step.task_index]
+        state = self.sessions.state(step, task, self.device)
+        if task.prepare is None:
+            return state, None
+        chunk = Chunk(task, step.pass_index, step.start, step.stop, inputs, None, self.device)
+        chunk.state = state
+        return state, task.prepare(chunk)
+
+    def _prepare_stage(self) -> None:
+        while (item := self.get(self.read)) is not None:
+            step, slot, tensors, out_buf = item
+            self.put(self.ready, (step, slot, tensors, out_buf, self.prepared(step, tensors)))
         self.put(self.ready, None)
 
     def _write_stage(self) -> None:
@@ -399,18 +483,16 @@ class _Pipeline:
             self.free.put(slot)
 
 
-def _compute(pipe: _Pipeline, sessions: contextlib.ExitStack, on_nonfinite: str, bar) -> None:
+def _compute(pipe: _Pipeline, on_nonfinite: str, bar) -> None:
     """The main thread's stage: each chunk to the device, through its task, and back."""
     stats = pipe.stats
-    state = None
     while (item := pipe.get(pipe.ready)) is not None:
-        step, slot, host_inputs, out_buf = item
+        step, slot, host_inputs, out_buf, *done = item
         task = pipe.tasks[step.task_index]
-        if step.first and task.session is not None:
-            state = sessions.enter_context(task.session(pipe.device))
         inputs, out = _to_device(pipe, task, step, host_inputs, out_buf)
+        state, prepared = done[0] if done else pipe.prepared(step, inputs)
         chunk = Chunk(task, step.pass_index, step.start, step.stop, inputs, out, pipe.device)
-        chunk.state = state
+        chunk.state, chunk.prepared = state, prepared
         result = task.compute(chunk)
         host_out, event = None, None
         if step.writes:
@@ -418,8 +500,7 @@ def _compute(pipe: _Pipeline, sessions: contextlib.ExitStack, on_nonfinite: str,
             _check_finite(task.name, result, on_nonfinite, stats)
             host_out, event = _to_host(pipe, result, slot, out_buf, task.out.dtype, out.shape)
         if step.last:
-            sessions.close()  # the task's session ends with its last chunk
-            state = None
+            pipe.sessions.close(step.task_index)  # the session ends with its last chunk
             if task.finish is not None:
                 stats.results[task.name] = task.finish()
             stats.tasks_done += 1

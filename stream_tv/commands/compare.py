@@ -292,20 +292,22 @@ def _task(src: _Source) -> engine.Task:
     narrow = all(s.itemsize <= 2 for s in src.inputs)
     tv_dtype = torch.float64 if has_lora or not narrow else torch.float32
 
-    def compute(chunk: engine.Chunk) -> None:
+    def prepare(chunk: engine.Chunk) -> dict | None:
+        """All but the running sums (on CPU, on the engine's prepare thread): the DoRA
+        prepass, the untouched-tensor test, ``T`` where it is not made block by block, the
+        float64 ``L``, PEFT's merged rows and the rounding figures of ``F``."""
         x, rt = chunk.inputs, chunk.state
         base_rows = x[src.base] if src.base is not None else None
         if chunk.pass_index < passes - 1:
             rt.prepass(base_rows, chunk.start, chunk.stop)
             return None
+        t = None
         if src.finetuned is not None:
             ft_rows = x[src.finetuned]
             if not has_lora and ops.equal(ft_rows, base_rows):
-                acc.update_zero(ft_rows)  # the common case: an untouched tensor
-                return None
-            if has_lora and ft_rows.device.type == "cpu":
-                t = None  # the accumulator computes F - W block by block, in cache
-            else:
+                return {"zero": True}  # the common case: an untouched tensor
+            if not (has_lora and ft_rows.device.type == "cpu"):
+                # (on CPU with L, the accumulator computes F - W block by block, in cache)
                 t = ops.subtract(
                     ft_rows,
                     base_rows,
@@ -322,12 +324,30 @@ def _task(src: _Source) -> engine.Task:
                 lora = lora + (x[src.replacement].double() - base_rows.double())
             if src.finetuned is not None and base_rows is not None:
                 merged = _merged_rows(rt, chunk, x, src, x[src.finetuned].dtype)
+        rounding = None
+        if lora is not None:  # F against the rounded W + L (CPU), while compute folds
+            rounding = acc.rounding_figures(
+                lora=lora,
+                finetuned=x[src.finetuned] if src.finetuned is not None else None,
+                base=base_rows,
+            )
+        return {"zero": False, "tv": t, "lora": lora, "merged": merged, "rounding": rounding}
+
+    def compute(chunk: engine.Chunk) -> None:
+        """The chunk's figures, folded into the tensor's running sums, in order."""
+        p, x = chunk.prepared, chunk.inputs
+        if p is None:  # a prepass chunk
+            return None
+        if p["zero"]:
+            acc.update_zero(x[src.finetuned])
+            return None
         acc.update(
-            tv=t,
-            lora=lora,
+            tv=p["tv"],
+            lora=p["lora"],
             finetuned=x[src.finetuned] if src.finetuned is not None else None,
-            base=base_rows,
-            merged=merged,
+            base=x[src.base] if src.base is not None else None,
+            merged=p["merged"],
+            rounding=p["rounding"],
         )
         return None
 
@@ -342,4 +362,5 @@ def _task(src: _Source) -> engine.Task:
         work_row_bytes=max(work, row_bytes),
         session=merge.open if merge is not None else None,
         finish=acc.result,
+        prepare=prepare,
     )

@@ -268,11 +268,14 @@ class TensorAccumulator:
         finetuned: torch.Tensor | None = None,
         base: torch.Tensor | None = None,
         merged: torch.Tensor | None = None,
+        rounding: dict[str, Any] | None = None,
     ) -> None:
         """Add one chunk. ``lora`` must be float64 (``tv`` is upcast, exactly, if needed).
 
         ``tv=None`` with ``finetuned`` and ``base``: ``T`` is their exact float64 difference,
         computed here (on CPU block by block, so that no float64 copy of the chunk is made).
+        ``rounding``: what :meth:`rounding_figures` returned for this same chunk, computed
+        beforehand (on another thread); None: computed here.
         """
         if tv is None:
             if finetuned is None or base is None:
@@ -287,7 +290,11 @@ class TensorAccumulator:
         measurable = finetuned is not None and finetuned.dtype in BITS_OF
         with_base = measurable and base is not None
         if CPU_FIGURES and _all_cpu(tv, lora, finetuned, base, merged):
-            self._fold_figures(self._cpu_figures(tv, lora, finetuned, base, merged))
+            self._fold_figures(self._cpu_figures(tv, lora, finetuned, base, merged, rounding))
+        elif rounding is not None:
+            raise MismatchError(
+                "rounding figures came with a chunk that takes the device path", where=self.name
+            )
         else:
             self._fold(self._device_parts(tv, lora, finetuned, base, merged))
         if self.has_lora:
@@ -297,17 +304,53 @@ class TensorAccumulator:
             self._tripped += n
         self._ulp_seen += n if with_base else 0
 
-    def _cpu_figures(self, tv, lora, finetuned, base, merged) -> dict[str, Any]:
+    def rounding_figures(
+        self,
+        *,
+        lora: torch.Tensor,
+        finetuned: torch.Tensor | None,
+        base: torch.Tensor | None,
+    ) -> dict[str, Any] | None:
+        """The rounding figures of a LoRA chunk (``F`` against the correctly rounded
+        ``W + L``, :func:`stream_tv.stats.cpu.rounding_figures`) for :meth:`update`'s
+        ``rounding``; None where ``update`` computes them itself (not the CPU path).
+
+        Reads no state of the accumulator, so another thread may compute them for the next
+        chunk while ``update`` folds this one; a chunk that ``update`` would refuse gets
+        None, and ``update`` then says why."""
+        chunks = (lora, finetuned, base)
+        if not (self.has_lora and CPU_FIGURES and _all_cpu(*chunks)):
+            return None
+        if lora.dtype != torch.float64 or any(
+            x is not None and x.shape != lora.shape for x in chunks
+        ):
+            return None
+        f, w = self._measured(finetuned, base)
+        return cpu.rounding_figures(lora.reshape(-1), f, w)
+
+    def _measured(self, finetuned, base) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Flat ``F`` and ``W`` for the rounding figures, or None: only an ``F`` of a dtype
+        with ulps (``BITS_OF``) is measured."""
+        if finetuned is None or finetuned.dtype not in BITS_OF:
+            return None, None
+        return finetuned.reshape(-1), None if base is None else base.reshape(-1)
+
+    def _cpu_figures(self, tv, lora, finetuned, base, merged, rounding) -> dict[str, Any]:
         """The chunk's figures, computed the CPU way (:mod:`stream_tv.stats.cpu`)."""
         flat = [None if x is None else x.reshape(-1) for x in (finetuned, base, merged)]
         f, w, m = flat
         if self.has_lora:
-            if f is None or f.dtype not in BITS_OF:
-                f = w = m = None
+            f, w = self._measured(finetuned, base)
+            m = m if f is not None else None
             if tv is None and w is None:
                 tv = finetuned.to(torch.float64) - base.to(torch.float64)
             t = None if tv is None else tv.reshape(-1).to(torch.float64)
-            return cpu.lora_figures(t, lora.reshape(-1), f, w, m)
+            lo = lora.reshape(-1)
+            if rounding is None:
+                return cpu.lora_figures(t, lo, f, w, m)
+            return {**cpu.difference_figures(t, lo, f, w), **rounding, **cpu.merge_figures(f, m)}
+        if rounding is not None:
+            raise MismatchError("rounding figures came with a tensor without L", where=self.name)
         t = tv if tv.dtype.is_floating_point else tv.to(torch.float64)
         pair = f is not None and w is not None
         return cpu.plain_figures(t.reshape(-1), f if pair else None, w if pair else None)
