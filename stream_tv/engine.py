@@ -10,7 +10,8 @@ small queues:
                     task.compute(chunk), NaN/Inf check, copy back          (_compute)
     writer thread   hand the output bytes to the sink, free the slot       (_write_stage)
 
-so reading chunk i+1, computing chunk i and writing chunk i-1 overlap. Three slots are
+(the threads, queues and slots are :class:`stream_tv.pipeline.Pipeline`'s) so reading
+chunk i+1, computing chunk i and writing chunk i-1 overlap. Three slots are
 allocated once and reused: resident memory is about 3 slots + one chunk of temporaries,
 whatever the tensor, shard or model size. The sink is anything with ``write(name, offset,
 bytes)`` and ``abort()``: the shard writer, or verify's comparing sink.
@@ -43,45 +44,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from .errors import InputError, Interrupted, NonFiniteError, invariant
 from .io.index import TensorSpec
-from .io.reader import Reader
 from .io.writer import OutTensor
+from .pipeline import STOP_REQUESTED, Chunk, Pipeline, RunStats, Slot, Step, Stop
+from .pipeline import bytes_of as bytes_of  # part of the engine's API
 
-# A stop asked for from outside the engine (the CLI's Ctrl-C handler): the compute loop
-# checks it between chunks and ends the run as a Ctrl-C does, from a safe point.
-_STOP_REQUESTED = threading.Event()
-_RUNNING = threading.Event()
+_RUNNING = threading.Event()  # a run is in progress (request_stop has someone to stop)
 
 DEFAULT_CHUNK_MIN = 8 * 2**20
 DEFAULT_CHUNK_MAX = 64 * 2**20
-_ALIGN = 64
-_SLOTS = 3
 _SPARE_CORES = 2  # the reader and writer threads
-
-
-@dataclass
-class Chunk:
-    """Rows ``[start, stop)`` of one task, as its compute function sees them."""
-
-    task: Task
-    pass_index: int
-    start: int
-    stop: int
-    inputs: list[torch.Tensor]  # one per task input, on the compute device
-    out: torch.Tensor | None  # where to put the result (on the compute device), or None
-    device: torch.device
-    state: Any = None  # what the task's session yielded
-    prepared: Any = None  # what the task's prepare returned for this chunk
 
 
 @dataclass
@@ -214,18 +195,6 @@ def _available_memory() -> int | None:
     return None
 
 
-@dataclass
-class RunStats:
-    """What one engine run did."""
-
-    seconds: float = 0.0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    tasks_done: int = 0
-    results: dict[str, Any] = field(default_factory=dict)
-    nonfinite: dict[str, int] = field(default_factory=dict)
-
-
 def running() -> bool:
     """Whether a run is streaming now (in this process)."""
     return _RUNNING.is_set()
@@ -234,7 +203,7 @@ def running() -> bool:
 def request_stop() -> None:
     """Ask the current run to stop at its next chunk, as Ctrl-C would (safe from a signal
     handler: it only sets an event)."""
-    _STOP_REQUESTED.set()
+    STOP_REQUESTED.set()
 
 
 def run(
@@ -256,11 +225,11 @@ def run(
     sink is aborted and the error raised.
     """
     t0 = time.perf_counter()
-    _STOP_REQUESTED.clear()
+    STOP_REQUESTED.clear()
     _RUNNING.set()
     if tune_malloc:
         _reuse_freed_memory()
-    pipe = _Pipeline(list(tasks), list(_plan_steps(tasks, chunk_bytes)), device, sink)
+    pipe = Pipeline(list(tasks), list(_plan_steps(tasks, chunk_bytes)), device, sink)
     bar = _progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
     try:
         with _fewer_torch_threads(_SPARE_CORES):
@@ -277,7 +246,7 @@ def run(
             sink.abort()
         if isinstance(e, KeyboardInterrupt):
             raise Interrupted("interrupted") from e
-        if isinstance(e, _Stop) and pipe.errors:
+        if isinstance(e, Stop) and pipe.errors:
             raise pipe.errors[0] from None
         raise
     finally:
@@ -293,197 +262,7 @@ def run(
 # ---- the stages -------------------------------------------------------------------------
 
 
-@dataclass
-class _Step:
-    task_index: int
-    pass_index: int
-    start: int
-    stop: int
-    first: bool  # first chunk of the task's first pass
-    last: bool  # last chunk of the task's last pass
-    writes: bool  # a chunk of the pass that produces the output
-
-
-@dataclass
-class _Slot:
-    """A reusable set of buffers for one chunk in flight: inputs and output, one allocation."""
-
-    pinned: bool
-    buffer: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
-
-    def carve(self, sizes: Sequence[int]) -> list[torch.Tensor]:
-        offsets, total = [], 0
-        for n in sizes:
-            offsets.append(total)
-            total += -(-n // _ALIGN) * _ALIGN
-        if self.buffer.numel() < total:
-            self.buffer = torch.empty(total, dtype=torch.uint8, pin_memory=self.pinned)
-        return [self.buffer[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
-
-
-class _Stop(Exception):
-    """A stage noticed that another one failed."""
-
-
-class _Sessions:
-    """The open sessions of a run, one per task: entered by the stage that runs ``prepare``
-    (at most two are open at once, the computing task's and the next one's when the
-    prepare thread is ahead), exited after the task's last ``compute``."""
-
-    def __init__(self) -> None:
-        self._open: dict[int, tuple[contextlib.ExitStack, Any]] = {}
-        self._lock = threading.Lock()
-
-    def state(self, step: _Step, task: Task, device: torch.device) -> Any:
-        """The task's session state; entered at the task's first step."""
-        if step.first and task.session is not None:
-            stack = contextlib.ExitStack()
-            try:
-                value = stack.enter_context(task.session(device))
-            except BaseException:
-                stack.close()
-                raise
-            with self._lock:
-                self._open[step.task_index] = (stack, value)
-            return value
-        with self._lock:
-            entry = self._open.get(step.task_index)
-        return entry[1] if entry is not None else None
-
-    def close(self, task_index: int) -> None:
-        with self._lock:
-            entry = self._open.pop(task_index, None)
-        if entry is not None:
-            entry[0].close()
-
-    def close_all(self) -> None:
-        with self._lock:
-            entries, self._open = list(self._open.values()), {}
-        for stack, _ in entries:
-            stack.close()
-
-
-class _Pipeline:
-    """The queues and threads of one run; the main thread computes (see :func:`_compute`)."""
-
-    def __init__(
-        self, tasks: list[Task], steps: list[_Step], device: torch.device, sink: Sink | None
-    ):
-        self.tasks, self.steps, self.device, self.sink = tasks, steps, device, sink
-        self.cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        # prepare on its own thread: on CPU, when a task has one (see the module docstring)
-        self.preparing = not self.cuda and any(t.prepare is not None for t in tasks)
-        self.free: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(_SLOTS + self.preparing):
-            self.free.put(_Slot(pinned=self.cuda))
-        self.ready: queue.Queue = queue.Queue(maxsize=1)
-        self.read: queue.Queue = queue.Queue(maxsize=1) if self.preparing else self.ready
-        self.to_write: queue.Queue = queue.Queue(maxsize=1)
-        self.stopping = threading.Event()
-        self.errors: list[BaseException] = []
-        self.reader = Reader()
-        self.stats = RunStats()
-        self.sessions = _Sessions()
-        self.threads = [
-            threading.Thread(target=self._guard(self._read_stage), name="stream-tv-reader"),
-            threading.Thread(target=self._guard(self._write_stage), name="stream-tv-writer"),
-        ]
-        if self.preparing:
-            stage = self._guard(self._prepare_stage)
-            self.threads.append(threading.Thread(target=stage, name="stream-tv-prepare"))
-        for th in self.threads:
-            th.daemon = True
-
-    def start(self) -> None:
-        for th in self.threads:
-            th.start()
-
-    def join(self) -> None:
-        for th in self.threads:
-            th.join()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        for th in self.threads:
-            if th.is_alive():
-                th.join(timeout=10)
-
-    def put(self, q: queue.Queue, item: object) -> None:
-        while not self.stopping.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise _Stop
-
-    def get(self, q: queue.Queue) -> Any:
-        while True:
-            if _STOP_REQUESTED.is_set() and threading.current_thread() is threading.main_thread():
-                raise KeyboardInterrupt  # asked to stop (Ctrl-C in the CLI): the same path
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                if self.stopping.is_set():
-                    raise _Stop from None
-
-    def _guard(self, stage: Callable[[], None]) -> Callable[[], None]:
-        def run_stage() -> None:
-            try:
-                stage()
-            except _Stop:
-                pass
-            except BaseException as e:  # handed to the main thread
-                self.errors.append(e)
-                self.stopping.set()
-
-        return run_stage
-
-    def _read_stage(self) -> None:
-        for step in self.steps:
-            task = self.tasks[step.task_index]
-            slot = self.get(self.free)
-            rows = step.stop - step.start
-            sizes = [rows * s.row_numel * s.itemsize for s in task.inputs]
-            out_size = rows * task.out_row_bytes if step.writes else 0
-            bufs = slot.carve([*sizes, out_size])
-            tensors = [
-                self.reader.read_into(spec, step.start, step.stop, buf)
-                for spec, buf in zip(task.inputs, bufs[:-1], strict=True)
-            ]
-            self.put(self.read, (step, slot, tensors, bufs[-1]))
-        self.put(self.read, None)
-
-    def prepared(self, step: _Step, inputs: list[torch.Tensor]) -> tuple[Any, Any]:
-        """The task's session state for this step, and what its ``prepare`` returns."""
-        task = self.tasks[step.task_index]
-        state = self.sessions.state(step, task, self.device)
-        if task.prepare is None:
-            return state, None
-        chunk = Chunk(task, step.pass_index, step.start, step.stop, inputs, None, self.device)
-        chunk.state = state
-        return state, task.prepare(chunk)
-
-    def _prepare_stage(self) -> None:
-        while (item := self.get(self.read)) is not None:
-            step, slot, tensors, out_buf = item
-            self.put(self.ready, (step, slot, tensors, out_buf, self.prepared(step, tensors)))
-        self.put(self.ready, None)
-
-    def _write_stage(self) -> None:
-        while (item := self.get(self.to_write)) is not None:
-            task, step, slot, host_out, event = item
-            if host_out is not None and self.sink is not None:
-                if event is not None:
-                    event.synchronize()
-                offset = step.start * task.out_row_bytes
-                self.sink.write(task.out.name, offset, bytes_of(host_out))
-                self.stats.bytes_written += host_out.numel() * host_out.element_size()
-            self.free.put(slot)
-
-
-def _compute(pipe: _Pipeline, on_nonfinite: str, bar) -> None:
+def _compute(pipe: Pipeline, on_nonfinite: str, bar) -> None:
     """The main thread's stage: each chunk to the device, through its task, and back."""
     stats = pipe.stats
     while (item := pipe.get(pipe.ready)) is not None:
@@ -515,7 +294,7 @@ def _compute(pipe: _Pipeline, on_nonfinite: str, bar) -> None:
 
 
 def _to_device(
-    pipe: _Pipeline, task: Task, step: _Step, host_inputs: list[torch.Tensor], out_buf
+    pipe: Pipeline, task: Task, step: Step, host_inputs: list[torch.Tensor], out_buf
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The chunk's inputs on the compute device, and where its output rows go."""
     out_shape = _chunk_shape(task.out.shape, step.stop - step.start) if step.writes else ()
@@ -532,7 +311,7 @@ def _to_device(
     return inputs, out
 
 
-def _to_host(pipe: _Pipeline, result: torch.Tensor, slot: _Slot, out_buf, dtype, shape):
+def _to_host(pipe: Pipeline, result: torch.Tensor, slot: Slot, out_buf, dtype, shape):
     """The output rows in host memory the slot owns (and a CUDA event to wait for)."""
     host_out = out_buf.view(dtype).view(shape)
     if pipe.cuda:
@@ -607,7 +386,7 @@ def _chunk_shape(shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
     return (rows,) if shape else ()
 
 
-def _plan_steps(tasks: Sequence[Task], chunk_bytes: int) -> Iterator[_Step]:
+def _plan_steps(tasks: Sequence[Task], chunk_bytes: int) -> Iterator[Step]:
     for i, task in enumerate(tasks):
         data_row = sum(s.row_numel * s.itemsize for s in task.inputs) + task.out_row_bytes
         if data_row == 0:
@@ -620,7 +399,7 @@ def _plan_steps(tasks: Sequence[Task], chunk_bytes: int) -> Iterator[_Step]:
         for p in range(task.passes):
             final = p == task.passes - 1
             for j, (a, b) in enumerate(ranges):
-                yield _Step(
+                yield Step(
                     i,
                     p,
                     a,
@@ -667,8 +446,3 @@ def _progress_bar(enabled: bool, total: int, tensors: int, description: str):
         mininterval=0.25,
         postfix=f"0/{tensors} tensors",
     )
-
-
-def bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (a flat ``memoryview``)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -276,6 +276,24 @@ def _merged_rows(rt, chunk: engine.Chunk, x, src: _Source, dtype: torch.dtype) -
     return out if out.dtype == dtype else out.to(dtype)
 
 
+def _lora_rows(rt, chunk: engine.Chunk, src: _Source) -> tuple:
+    """The chunk's float64 ``L`` (None without one) and the rows ``merge`` writes (None
+    without a base and a fine-tuned model)."""
+    x = chunk.inputs
+    base_rows = x[src.base] if src.base is not None else None
+    if src.other_tv is not None:
+        return x[src.other_tv].to(torch.float64), None
+    if rt is None:
+        return None, None
+    lora = rt.delta_rows(chunk.start, chunk.stop, w_rows=base_rows, dtype=torch.float64)
+    if src.replacement is not None and base_rows is not None:
+        lora = lora + (x[src.replacement].double() - base_rows.double())
+    merged = None
+    if src.finetuned is not None and base_rows is not None:
+        merged = _merged_rows(rt, chunk, x, src, x[src.finetuned].dtype)
+    return lora, merged
+
+
 def _task(src: _Source) -> engine.Task:
     main = src.inputs[src.finetuned if src.finetuned is not None else src.tv]  # type: ignore[index]
     has_lora = src.merge is not None or src.other_tv is not None
@@ -315,15 +333,7 @@ def _task(src: _Source) -> engine.Task:
                 )
         else:
             t = x[src.tv].to(tv_dtype, copy=True)
-        lora = merged = None
-        if src.other_tv is not None:
-            lora = x[src.other_tv].to(torch.float64)
-        elif rt is not None:
-            lora = rt.delta_rows(chunk.start, chunk.stop, w_rows=base_rows, dtype=torch.float64)
-            if src.replacement is not None and base_rows is not None:
-                lora = lora + (x[src.replacement].double() - base_rows.double())
-            if src.finetuned is not None and base_rows is not None:
-                merged = _merged_rows(rt, chunk, x, src, x[src.finetuned].dtype)
+        lora, merged = _lora_rows(rt, chunk, src)
         rounding = None
         if lora is not None:  # F against the rounded W + L (CPU), while compute folds
             rounding = acc.rounding_figures(
