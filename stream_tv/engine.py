@@ -10,28 +10,14 @@ small queues:
                     task.compute(chunk), NaN/Inf check, copy back          (_compute)
     writer thread   hand the output bytes to the sink, free the slot       (_write_stage)
 
-(the threads, queues and slots are :class:`stream_tv.pipeline.Pipeline`'s) so reading
-chunk i+1, computing chunk i and writing chunk i-1 overlap. Three slots are
+so reading chunk i+1, computing chunk i and writing chunk i-1 overlap. Three slots are
 allocated once and reused: resident memory is about 3 slots + one chunk of temporaries,
 whatever the tensor, shard or model size. The sink is anything with ``write(name, offset,
 bytes)`` and ``abort()``: the shard writer, or verify's comparing sink.
 
-A task may split its work in two (``Task.prepare``, then ``Task.compute``): ``prepare``
-needs only the chunk and the task's session, not what ``compute`` made of the chunks before
-(``compare``: the LoRA product and PEFT's merged rows, while ``compute`` folds figures into
-the tensor's running sums). On CPU a fourth stage runs it, one chunk ahead:
-
-    prepare thread  task.prepare(chunk), in chunk order                    (_prepare_stage)
-
-so on two cores the two halves of a compute-bound task run at once; a fourth slot keeps the
-reader busy, and one more chunk of temporaries (the prepared one) is alive. On a GPU, where
-the device already runs asynchronously, ``prepare`` runs on the main thread just before
-``compute``. ``compute`` finds its result in ``chunk.prepared``.
-
 A task may hold state from its first chunk to its last (LoRA factors on the device, a DoRA
 norm accumulator): ``Task.session(device)`` is a context manager entered before the first
-chunk (by the stage that runs ``prepare``) and exited after the last chunk's ``compute``, or
-on any error, so nothing stays loaded.
+chunk and exited after the last, or on any error, so nothing stays loaded.
 
 ``# subtle:`` a chunk is never a single row unless the tensor has one row (``min_rows``).
 On CPU a matrix product over a few rows can take another kernel whose bits differ from the
@@ -44,25 +30,44 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from .errors import InputError, Interrupted, NonFiniteError, invariant
 from .io.index import TensorSpec
+from .io.reader import Reader
 from .io.writer import OutTensor
-from .pipeline import STOP_REQUESTED, Chunk, Pipeline, RunStats, Slot, Step, Stop
-from .pipeline import bytes_of as bytes_of  # part of the engine's API
 
-_RUNNING = threading.Event()  # a run is in progress (request_stop has someone to stop)
+# A stop asked for from outside the engine (the CLI's Ctrl-C handler): the compute loop
+# checks it between chunks and ends the run as a Ctrl-C does, from a safe point.
+_STOP_REQUESTED = threading.Event()
+_RUNNING = threading.Event()
 
 DEFAULT_CHUNK_MIN = 8 * 2**20
 DEFAULT_CHUNK_MAX = 64 * 2**20
+_ALIGN = 64
+_SLOTS = 3
 _SPARE_CORES = 2  # the reader and writer threads
+
+
+@dataclass
+class Chunk:
+    """Rows ``[start, stop)`` of one task, as its compute function sees them."""
+
+    task: Task
+    pass_index: int
+    start: int
+    stop: int
+    inputs: list[torch.Tensor]  # one per task input, on the compute device
+    out: torch.Tensor | None  # where to put the result (on the compute device), or None
+    device: torch.device
+    state: Any = None  # what the task's session yielded
 
 
 @dataclass
@@ -74,12 +79,6 @@ class Task:
     the rows are streamed several times, in order; only the last pass writes. ``session``
     (optional) opens per-task state on the device for the task's chunks (``chunk.state``);
     ``finish()`` gives the task's result (e.g. its statistics) after its last chunk.
-
-    ``prepare(chunk)`` (optional) is the part of the work that depends only on the chunk
-    and ``chunk.state``, never on earlier chunks' ``compute``: on CPU it runs on its own
-    thread one chunk ahead, in order, and ``compute`` gets its result as
-    ``chunk.prepared``. It sees ``chunk.out`` as None, and the inputs stay valid until that
-    chunk's ``compute`` has returned.
     """
 
     name: str
@@ -91,7 +90,6 @@ class Task:
     work_row_bytes: int = 0  # temporaries compute needs per row, for chunk sizing
     session: Callable[[torch.device], contextlib.AbstractContextManager[Any]] | None = None
     finish: Callable[[], Any] | None = None
-    prepare: Callable[[Chunk], Any] | None = None
 
     @property
     def rows(self) -> int:
@@ -195,6 +193,18 @@ def _available_memory() -> int | None:
     return None
 
 
+@dataclass
+class RunStats:
+    """What one engine run did."""
+
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    tasks_done: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+
 def running() -> bool:
     """Whether a run is streaming now (in this process)."""
     return _RUNNING.is_set()
@@ -203,7 +213,7 @@ def running() -> bool:
 def request_stop() -> None:
     """Ask the current run to stop at its next chunk, as Ctrl-C would (safe from a signal
     handler: it only sets an event)."""
-    STOP_REQUESTED.set()
+    _STOP_REQUESTED.set()
 
 
 def run(
@@ -225,33 +235,31 @@ def run(
     sink is aborted and the error raised.
     """
     t0 = time.perf_counter()
-    STOP_REQUESTED.clear()
+    _STOP_REQUESTED.clear()
     _RUNNING.set()
     if tune_malloc:
         _reuse_freed_memory()
-    pipe = Pipeline(list(tasks), list(_plan_steps(tasks, chunk_bytes)), device, sink)
+    pipe = _Pipeline(list(tasks), list(_plan_steps(tasks, chunk_bytes)), device, sink)
     bar = _progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
     try:
-        with _fewer_torch_threads(_SPARE_CORES):
+        with _fewer_torch_threads(_SPARE_CORES), contextlib.ExitStack() as sessions:
             pipe.start()
-            _compute(pipe, on_nonfinite, bar)
+            _compute(pipe, sessions, on_nonfinite, bar)
             pipe.join()
         if pipe.errors:
             raise pipe.errors[0]
         pipe.reader.check_unchanged()  # no input written while it was read: else all is void
     except BaseException as e:
         pipe.stop()
-        pipe.sessions.close_all()  # after the threads: no stage is using one any more
         if sink is not None:
             sink.abort()
         if isinstance(e, KeyboardInterrupt):
             raise Interrupted("interrupted") from e
-        if isinstance(e, Stop) and pipe.errors:
+        if isinstance(e, _Stop) and pipe.errors:
             raise pipe.errors[0] from None
         raise
     finally:
         _RUNNING.clear()
-        pipe.sessions.close_all()  # none is left open after a run that ended normally
         pipe.reader.close()
         if bar is not None:
             bar.close()
@@ -262,16 +270,147 @@ def run(
 # ---- the stages -------------------------------------------------------------------------
 
 
-def _compute(pipe: Pipeline, on_nonfinite: str, bar) -> None:
+@dataclass
+class _Step:
+    task_index: int
+    pass_index: int
+    start: int
+    stop: int
+    first: bool  # first chunk of the task's first pass
+    last: bool  # last chunk of the task's last pass
+    writes: bool  # a chunk of the pass that produces the output
+
+
+@dataclass
+class _Slot:
+    """A reusable set of buffers for one chunk in flight: inputs and output, one allocation."""
+
+    pinned: bool
+    buffer: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+
+    def carve(self, sizes: Sequence[int]) -> list[torch.Tensor]:
+        offsets, total = [], 0
+        for n in sizes:
+            offsets.append(total)
+            total += -(-n // _ALIGN) * _ALIGN
+        if self.buffer.numel() < total:
+            self.buffer = torch.empty(total, dtype=torch.uint8, pin_memory=self.pinned)
+        return [self.buffer[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+
+
+class _Stop(Exception):
+    """A stage noticed that another one failed."""
+
+
+class _Pipeline:
+    """The queues and threads of one run; the main thread computes (see :func:`_compute`)."""
+
+    def __init__(
+        self, tasks: list[Task], steps: list[_Step], device: torch.device, sink: Sink | None
+    ):
+        self.tasks, self.steps, self.device, self.sink = tasks, steps, device, sink
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.free: queue.Queue[_Slot] = queue.Queue()
+        for _ in range(_SLOTS):
+            self.free.put(_Slot(pinned=self.cuda))
+        self.ready: queue.Queue = queue.Queue(maxsize=1)
+        self.to_write: queue.Queue = queue.Queue(maxsize=1)
+        self.stopping = threading.Event()
+        self.errors: list[BaseException] = []
+        self.reader = Reader()
+        self.stats = RunStats()
+        self.threads = [
+            threading.Thread(target=self._guard(self._read_stage), name="stream-tv-reader"),
+            threading.Thread(target=self._guard(self._write_stage), name="stream-tv-writer"),
+        ]
+        for th in self.threads:
+            th.daemon = True
+
+    def start(self) -> None:
+        for th in self.threads:
+            th.start()
+
+    def join(self) -> None:
+        for th in self.threads:
+            th.join()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for th in self.threads:
+            if th.is_alive():
+                th.join(timeout=10)
+
+    def put(self, q: queue.Queue, item: object) -> None:
+        while not self.stopping.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stop
+
+    def get(self, q: queue.Queue) -> Any:
+        while True:
+            if _STOP_REQUESTED.is_set() and threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt  # asked to stop (Ctrl-C in the CLI): the same path
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                if self.stopping.is_set():
+                    raise _Stop from None
+
+    def _guard(self, stage: Callable[[], None]) -> Callable[[], None]:
+        def run_stage() -> None:
+            try:
+                stage()
+            except _Stop:
+                pass
+            except BaseException as e:  # handed to the main thread
+                self.errors.append(e)
+                self.stopping.set()
+
+        return run_stage
+
+    def _read_stage(self) -> None:
+        for step in self.steps:
+            task = self.tasks[step.task_index]
+            slot = self.get(self.free)
+            rows = step.stop - step.start
+            sizes = [rows * s.row_numel * s.itemsize for s in task.inputs]
+            out_size = rows * task.out_row_bytes if step.writes else 0
+            bufs = slot.carve([*sizes, out_size])
+            tensors = [
+                self.reader.read_into(spec, step.start, step.stop, buf)
+                for spec, buf in zip(task.inputs, bufs[:-1], strict=True)
+            ]
+            self.put(self.ready, (step, slot, tensors, bufs[-1]))
+        self.put(self.ready, None)
+
+    def _write_stage(self) -> None:
+        while (item := self.get(self.to_write)) is not None:
+            task, step, slot, host_out, event = item
+            if host_out is not None and self.sink is not None:
+                if event is not None:
+                    event.synchronize()
+                offset = step.start * task.out_row_bytes
+                self.sink.write(task.out.name, offset, bytes_of(host_out))
+                self.stats.bytes_written += host_out.numel() * host_out.element_size()
+            self.free.put(slot)
+
+
+def _compute(pipe: _Pipeline, sessions: contextlib.ExitStack, on_nonfinite: str, bar) -> None:
     """The main thread's stage: each chunk to the device, through its task, and back."""
     stats = pipe.stats
+    state = None
     while (item := pipe.get(pipe.ready)) is not None:
-        step, slot, host_inputs, out_buf, *done = item
+        step, slot, host_inputs, out_buf = item
         task = pipe.tasks[step.task_index]
+        if step.first and task.session is not None:
+            state = sessions.enter_context(task.session(pipe.device))
         inputs, out = _to_device(pipe, task, step, host_inputs, out_buf)
-        state, prepared = done[0] if done else pipe.prepared(step, inputs)
         chunk = Chunk(task, step.pass_index, step.start, step.stop, inputs, out, pipe.device)
-        chunk.state, chunk.prepared = state, prepared
+        chunk.state = state
         result = task.compute(chunk)
         host_out, event = None, None
         if step.writes:
@@ -279,7 +418,8 @@ def _compute(pipe: Pipeline, on_nonfinite: str, bar) -> None:
             _check_finite(task.name, result, on_nonfinite, stats)
             host_out, event = _to_host(pipe, result, slot, out_buf, task.out.dtype, out.shape)
         if step.last:
-            pipe.sessions.close(step.task_index)  # the session ends with its last chunk
+            sessions.close()  # the task's session ends with its last chunk
+            state = None
             if task.finish is not None:
                 stats.results[task.name] = task.finish()
             stats.tasks_done += 1
@@ -294,7 +434,7 @@ def _compute(pipe: Pipeline, on_nonfinite: str, bar) -> None:
 
 
 def _to_device(
-    pipe: Pipeline, task: Task, step: Step, host_inputs: list[torch.Tensor], out_buf
+    pipe: _Pipeline, task: Task, step: _Step, host_inputs: list[torch.Tensor], out_buf
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The chunk's inputs on the compute device, and where its output rows go."""
     out_shape = _chunk_shape(task.out.shape, step.stop - step.start) if step.writes else ()
@@ -311,7 +451,7 @@ def _to_device(
     return inputs, out
 
 
-def _to_host(pipe: Pipeline, result: torch.Tensor, slot: Slot, out_buf, dtype, shape):
+def _to_host(pipe: _Pipeline, result: torch.Tensor, slot: _Slot, out_buf, dtype, shape):
     """The output rows in host memory the slot owns (and a CUDA event to wait for)."""
     host_out = out_buf.view(dtype).view(shape)
     if pipe.cuda:
@@ -386,7 +526,7 @@ def _chunk_shape(shape: tuple[int, ...], rows: int) -> tuple[int, ...]:
     return (rows,) if shape else ()
 
 
-def _plan_steps(tasks: Sequence[Task], chunk_bytes: int) -> Iterator[Step]:
+def _plan_steps(tasks: Sequence[Task], chunk_bytes: int) -> Iterator[_Step]:
     for i, task in enumerate(tasks):
         data_row = sum(s.row_numel * s.itemsize for s in task.inputs) + task.out_row_bytes
         if data_row == 0:
@@ -399,7 +539,7 @@ def _plan_steps(tasks: Sequence[Task], chunk_bytes: int) -> Iterator[Step]:
         for p in range(task.passes):
             final = p == task.passes - 1
             for j, (a, b) in enumerate(ranges):
-                yield Step(
+                yield _Step(
                     i,
                     p,
                     a,
@@ -446,3 +586,8 @@ def _progress_bar(enabled: bool, total: int, tensors: int, description: str):
         mininterval=0.25,
         postfix=f"0/{tensors} tensors",
     )
+
+
+def bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (a flat ``memoryview``)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -231,19 +231,11 @@ def chunk_rows(monkeypatch):
     calls: list[tuple[str, int, bool]] = []
     original = TensorAccumulator.update
 
-    def update(self, *, tv, lora=None, finetuned=None, base=None, merged=None, rounding=None):
+    def update(self, *, tv, lora=None, finetuned=None, base=None, merged=None):
         chunk = finetuned if tv is None else tv  # tv=None: T made from the raw chunks
         rows = chunk.shape[0] if chunk.dim() else 1
         calls.append((self.name, rows, lora is not None))
-        return original(
-            self,
-            tv=tv,
-            lora=lora,
-            finetuned=finetuned,
-            base=base,
-            merged=merged,
-            rounding=rounding,
-        )
+        return original(self, tv=tv, lora=lora, finetuned=finetuned, base=base, merged=merged)
 
     original_zero = TensorAccumulator.update_zero
 

@@ -4,7 +4,6 @@ propagation, and the per-chunk maths."""
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import pytest
 import torch
@@ -166,87 +165,6 @@ def test_engine_error_closes_the_session_and_restores_threads(shard):
     with pytest.raises(MismatchError, match="'big' is wrong"):
         engine.run([task], device=CPU, chunk_bytes=96, progress=False)
     assert events == ["open", "closed"]
-    assert torch.get_num_threads() == threads
-
-
-def test_engine_prepare_runs_ahead_on_its_own_thread_in_order(shard):
-    """``prepare`` runs on the prepare thread, in chunk order, with the session open; its
-    result reaches that chunk's ``compute``; a session ends after its task's last
-    ``compute``, even when the prepare thread has already opened the next task's."""
-    _, specs = shard
-    log: list = []
-    lock = threading.Lock()
-
-    def record(*event):
-        with lock:
-            log.append(event)
-
-    def make(name, spec):
-        @contextlib.contextmanager
-        def session(device):
-            record("open", name, threading.current_thread().name)
-            yield {"name": name}
-            record("close", name)
-
-        def prepare(chunk):
-            assert chunk.out is None and chunk.state == {"name": name}
-            record("prepare", name, chunk.start, threading.current_thread().name)
-            return (name, chunk.start, chunk.inputs[0].float().sum().item())
-
-        def compute(chunk):
-            record("compute", name, chunk.start)
-            assert chunk.prepared == (name, chunk.start, chunk.inputs[0].float().sum().item())
-            return None
-
-        return engine.Task(name, [spec], compute, session=session, prepare=prepare)
-
-    tasks = [make("a", specs["big"]), make("b", specs["cube"])]
-    engine.run(tasks, device=CPU, chunk_bytes=96, progress=False)
-    ranges = {
-        t.name: engine.row_ranges(t.rows, 96 // (t.inputs[0].row_numel * t.inputs[0].itemsize), 2)
-        for t in tasks
-    }
-    for name in "ab":
-        prepared = [e[2] for e in log if e[:2] == ("prepare", name)]
-        computed = [e[2] for e in log if e[:2] == ("compute", name)]
-        assert prepared == computed == [a for a, _ in ranges[name]]
-        assert all(e[3] == "stream-tv-prepare" for e in log if e[:2] == ("prepare", name))
-        opened = log.index(next(e for e in log if e[:2] == ("open", name)))
-        closed = log.index(("close", name))
-        last = max(i for i, e in enumerate(log) if e[:2] == ("compute", name))
-        first = min(i for i, e in enumerate(log) if e[:2] == ("prepare", name))
-        assert opened < first and last < closed  # open around every chunk of the task
-        assert log[opened][2] == "stream-tv-prepare"
-
-
-def test_engine_error_in_prepare_is_raised_and_closes_every_session(shard):
-    """A failing ``prepare`` raises its own error from ``run`` (not a thread's traceback),
-    and both open sessions, the computing task's and the next one's, are closed."""
-    _, specs = shard
-    events = []
-
-    def make(name, spec, fail_at):
-        @contextlib.contextmanager
-        def session(device):
-            events.append(("open", name))
-            try:
-                yield None
-            finally:
-                events.append(("closed", name))
-
-        def prepare(chunk):
-            if chunk.start >= fail_at:
-                raise MismatchError(f"tensor {name!r} is wrong", where="here")
-
-        return engine.Task(name, [spec], lambda chunk: None, session=session, prepare=prepare)
-
-    threads = torch.get_num_threads()
-    tasks = [make("a", specs["big"], 1000), make("b", specs["big"], 4)]
-    with pytest.raises(MismatchError, match="'b' is wrong"):
-        engine.run(tasks, device=CPU, chunk_bytes=96, progress=False)
-    assert sorted(events) == sorted(
-        [("open", "a"), ("closed", "a"), ("open", "b"), ("closed", "b")]
-    )
     assert torch.get_num_threads() == threads
 
 

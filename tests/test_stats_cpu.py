@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from stream_tv.errors import MismatchError
 from stream_tv.stats import TensorAccumulator
 from stream_tv.stats import accumulator as accumulator_module
 
@@ -59,42 +58,6 @@ def test_lora_figures_agree(monkeypatch, dtype, given_tv):
     cpu, dev = feed(monkeypatch, True, parts, **kw), feed(monkeypatch, False, parts, **kw)
     assert cpu.ulp_counts is not None and cpu.bit_exact_merge is not None
     assert_same(cpu, dev)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, F64])
-def test_rounding_figures_computed_beforehand_give_the_same_result(monkeypatch, dtype):
-    """compare computes the rounding figures on the prepare thread and hands them to
-    update(rounding=...): the result is the one update computes by itself, every figure
-    equal (the same sums in the same order)."""
-    w, f, lo, merged = lora_case(dtype)
-    kw = {"numel": w.numel(), "has_lora": True, "finetuned_dtype": dtype, "base_dtype": dtype}
-    together, apart = TensorAccumulator("w", **kw), TensorAccumulator("w", **kw)
-    for wc, fc, lc, mc in chunks_of(w.shape[0], w, f, lo, merged):
-        together.update(tv=None, lora=lc, finetuned=fc, base=wc, merged=mc)
-        rounding = apart.rounding_figures(lora=lc, finetuned=fc, base=wc)
-        assert set(rounding) == {"_sum_ee", "_ulp0", "_ulp1", "_ulp_max"}
-        apart.update(tv=None, lora=lc, finetuned=fc, base=wc, merged=mc, rounding=rounding)
-    a, b = together.result(), apart.result()
-    assert a.ulp_counts is not None and a.rounding_floor is not None
-    assert dataclasses.asdict(a) == dataclasses.asdict(b)
-
-
-def test_rounding_figures_are_refused_where_they_do_not_belong(monkeypatch):
-    """None where update computes them itself (the device path), and an error where they
-    come with a chunk they cannot belong to."""
-    w, f, lo, merged = lora_case(torch.bfloat16, rows=8, cols=16)
-    lora_kw = {"numel": w.numel(), "finetuned_dtype": torch.bfloat16, "base_dtype": None}
-    acc = TensorAccumulator("w", has_lora=True, **lora_kw)
-    assert acc.rounding_figures(lora=lo.float(), finetuned=f, base=w) is None  # not float64
-    assert acc.rounding_figures(lora=lo[:4], finetuned=f, base=w) is None  # shapes differ
-    rounding = acc.rounding_figures(lora=lo, finetuned=f, base=w)
-    plain = TensorAccumulator("w", has_lora=False, **lora_kw)
-    with pytest.raises(MismatchError, match="without L"):
-        plain.update(tv=f.double() - w.double(), finetuned=f, base=w, rounding=rounding)
-    monkeypatch.setattr(accumulator_module, "CPU_FIGURES", False)
-    assert acc.rounding_figures(lora=lo, finetuned=f, base=w) is None
-    with pytest.raises(MismatchError, match="device path"):
-        acc.update(tv=None, lora=lo, finetuned=f, base=w, rounding=rounding)
 
 
 @pytest.mark.parametrize("extreme", ["tiny", "huge", "nan", "inf", "zero"])

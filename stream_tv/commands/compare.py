@@ -276,24 +276,6 @@ def _merged_rows(rt, chunk: engine.Chunk, x, src: _Source, dtype: torch.dtype) -
     return out if out.dtype == dtype else out.to(dtype)
 
 
-def _lora_rows(rt, chunk: engine.Chunk, src: _Source) -> tuple:
-    """The chunk's float64 ``L`` (None without one) and the rows ``merge`` writes (None
-    without a base and a fine-tuned model)."""
-    x = chunk.inputs
-    base_rows = x[src.base] if src.base is not None else None
-    if src.other_tv is not None:
-        return x[src.other_tv].to(torch.float64), None
-    if rt is None:
-        return None, None
-    lora = rt.delta_rows(chunk.start, chunk.stop, w_rows=base_rows, dtype=torch.float64)
-    if src.replacement is not None and base_rows is not None:
-        lora = lora + (x[src.replacement].double() - base_rows.double())
-    merged = None
-    if src.finetuned is not None and base_rows is not None:
-        merged = _merged_rows(rt, chunk, x, src, x[src.finetuned].dtype)
-    return lora, merged
-
-
 def _task(src: _Source) -> engine.Task:
     main = src.inputs[src.finetuned if src.finetuned is not None else src.tv]  # type: ignore[index]
     has_lora = src.merge is not None or src.other_tv is not None
@@ -310,22 +292,20 @@ def _task(src: _Source) -> engine.Task:
     narrow = all(s.itemsize <= 2 for s in src.inputs)
     tv_dtype = torch.float64 if has_lora or not narrow else torch.float32
 
-    def prepare(chunk: engine.Chunk) -> dict | None:
-        """All but the running sums (on CPU, on the engine's prepare thread): the DoRA
-        prepass, the untouched-tensor test, ``T`` where it is not made block by block, the
-        float64 ``L``, PEFT's merged rows and the rounding figures of ``F``."""
+    def compute(chunk: engine.Chunk) -> None:
         x, rt = chunk.inputs, chunk.state
         base_rows = x[src.base] if src.base is not None else None
         if chunk.pass_index < passes - 1:
             rt.prepass(base_rows, chunk.start, chunk.stop)
             return None
-        t = None
         if src.finetuned is not None:
             ft_rows = x[src.finetuned]
             if not has_lora and ops.equal(ft_rows, base_rows):
-                return {"zero": True}  # the common case: an untouched tensor
-            if not (has_lora and ft_rows.device.type == "cpu"):
-                # (on CPU with L, the accumulator computes F - W block by block, in cache)
+                acc.update_zero(ft_rows)  # the common case: an untouched tensor
+                return None
+            if has_lora and ft_rows.device.type == "cpu":
+                t = None  # the accumulator computes F - W block by block, in cache
+            else:
                 t = ops.subtract(
                     ft_rows,
                     base_rows,
@@ -333,31 +313,21 @@ def _task(src: _Source) -> engine.Task:
                 )
         else:
             t = x[src.tv].to(tv_dtype, copy=True)
-        lora, merged = _lora_rows(rt, chunk, src)
-        rounding = None
-        if lora is not None:  # F against the rounded W + L (CPU), while compute folds
-            rounding = acc.rounding_figures(
-                lora=lora,
-                finetuned=x[src.finetuned] if src.finetuned is not None else None,
-                base=base_rows,
-            )
-        return {"zero": False, "tv": t, "lora": lora, "merged": merged, "rounding": rounding}
-
-    def compute(chunk: engine.Chunk) -> None:
-        """The chunk's figures, folded into the tensor's running sums, in order."""
-        p, x = chunk.prepared, chunk.inputs
-        if p is None:  # a prepass chunk
-            return None
-        if p["zero"]:
-            acc.update_zero(x[src.finetuned])
-            return None
+        lora = merged = None
+        if src.other_tv is not None:
+            lora = x[src.other_tv].to(torch.float64)
+        elif rt is not None:
+            lora = rt.delta_rows(chunk.start, chunk.stop, w_rows=base_rows, dtype=torch.float64)
+            if src.replacement is not None and base_rows is not None:
+                lora = lora + (x[src.replacement].double() - base_rows.double())
+            if src.finetuned is not None and base_rows is not None:
+                merged = _merged_rows(rt, chunk, x, src, x[src.finetuned].dtype)
         acc.update(
-            tv=p["tv"],
-            lora=p["lora"],
+            tv=t,
+            lora=lora,
             finetuned=x[src.finetuned] if src.finetuned is not None else None,
-            base=x[src.base] if src.base is not None else None,
-            merged=p["merged"],
-            rounding=p["rounding"],
+            base=base_rows,
+            merged=merged,
         )
         return None
 
@@ -372,5 +342,4 @@ def _task(src: _Source) -> engine.Task:
         work_row_bytes=max(work, row_bytes),
         session=merge.open if merge is not None else None,
         finish=acc.result,
-        prepare=prepare,
     )

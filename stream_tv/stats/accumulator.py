@@ -15,10 +15,15 @@ from stream_tv.floats import (
     add_scaled,
     combine_scaled,
     ldexp,
+    max_half_ulp,
+    scaled_dots,
+    scaled_pair,
     sqrt_of_scaled,
+    ulp_counts,
 )
+from stream_tv.ops import blocks, round_to
 
-from . import cpu, device
+from . import cpu
 from .record import (
     CHANGED_NOT_LORA,
     LORA_AND_CHANGED,
@@ -30,8 +35,8 @@ from .record import (
 
 __all__ = ["STATS_BLOCK", "TensorAccumulator"]
 
-#: Elements per block of the statistics passes on the device path (float64: 1 MiB each).
-STATS_BLOCK = device.BLOCK
+# Elements per block of the statistics passes on CPU (float64: 1 MiB per operand).
+STATS_BLOCK = 1 << 17
 #: CPU chunks take :mod:`stream_tv.stats.cpu` (same figures, less work); False sends them
 #: through the device path, as on a GPU (the tests compare the two).
 CPU_FIGURES = True
@@ -100,6 +105,90 @@ _FIGURE_DTYPES = {
     "_exact": torch.int64,
     "_nonfinite": torch.int64,
 }
+
+
+def _count_nonfinite(probe: torch.Tensor, *chunks: torch.Tensor) -> torch.Tensor:
+    """Elements where any of ``chunks`` is NaN or infinite. ``probe`` is a figure computed
+    from all of them that is finite when they all are: on CPU a finite probe skips the
+    count (a free host check); elsewhere the count always runs (no synchronisation)."""
+    if probe.device.type == "cpu" and math.isfinite(float(probe)):
+        return torch.zeros((), dtype=torch.int64)
+    bad = ~torch.isfinite(chunks[0])
+    for chunk in chunks[1:]:
+        bad |= ~torch.isfinite(chunk)
+    return torch.count_nonzero(bad)
+
+
+def _lt_block(t: torch.Tensor, lo: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The L / T figures of one flat float64 block."""
+    tt, ll, lt = scaled_dots(t, lo)
+    # subtle: sum (L - T)^2 directly, not |L|^2 + |T|^2 - 2<L,T>, which cancels to noise
+    # exactly when L and T agree, the case this report is about.
+    d = lo - t
+    (dd,) = scaled_dots(d)
+    d.abs_()  # in place: no second temporary
+    worst = d.max()
+    return {
+        # T has a nonzero (or NaN) element exactly when its sum of squares is not 0 (a
+        # scaled sum: elements whose squares underflow still count)
+        "_changed": tt[0] != 0,
+        "_sum_tt": tt,
+        "_sum_ll": ll,
+        "_dot": lt,
+        "_sum_dd": dd,
+        "_sum_abs": d.sum(),
+        "_max_abs": worst,
+        "_nonfinite": _count_nonfinite(worst, t, lo),
+    }
+
+
+def _ulp_block(f: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Counts of ``f`` at 0 and 1 ulp from ``reference`` (same dtype), and the largest."""
+    zero, one, top = ulp_counts(f, reference)
+    return {"_ulp0": zero, "_ulp1": one, "_ulp_max": top}
+
+
+def _merge_block(
+    f: torch.Tensor, w: torch.Tensor | None, lo: torch.Tensor, merged: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The rounding figures of a LoRA block: F against the correctly rounded W + L (with W)
+    and against our merge (with ``merged``)."""
+    out = {"_max_bound": max_half_ulp(f)}
+    if w is not None:
+        exact = w.to(torch.float64) + lo  # W + L, in float64
+        rounded = round_to(exact, f.dtype)  # correctly rounded, not via float32
+        out.update(_ulp_block(f, rounded))
+        (out["_sum_ee"],) = scaled_dots(rounded.to(torch.float64) - exact)
+    if merged is not None:
+        # subtle: "merged, then saved in F's dtype" is torch's cast, what save_pretrained
+        # with a torch_dtype does (float64 -> bf16 rounds twice there, as it would here).
+        cast = merged.to(f.dtype)
+        bits = BITS_OF[f.dtype]
+        out["_exact"] = torch.count_nonzero(f.view(bits) == cast.view(bits))
+    return out
+
+
+def _plain_block(
+    t: torch.Tensor, f: torch.Tensor | None, w: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The figures of one flat block of a tensor without L: ||T||, and F against W."""
+    if t.dtype.itemsize <= 4:
+        # The squares of 32-bit and narrower floats never leave float64's range.
+        norm = torch.linalg.vector_norm(t, dtype=torch.float64)
+        tt = scaled_pair(norm * norm, 0.0)
+    else:
+        (tt,) = scaled_dots(t)
+    out = {"_changed": tt[0] != 0, "_sum_tt": tt, "_nonfinite": _count_nonfinite(tt[0], t)}
+    if f is not None and w is not None:
+        w = w.to(f.device)
+        reference = round_to(w, f.dtype)  # the correctly rounded round trip of W
+        if f.dtype != w.dtype:  # same dtype: round trip == unchanged
+            # The category's test is torch's cast, exact on raw dtypes (see _merge_block).
+            cast = reference if w.dtype != torch.float64 else w.to(f.dtype)
+            out["_round_trip"] = torch.all(cast == f)
+        if f.dtype in BITS_OF:
+            out.update(_ulp_block(f, reference))
+    return out
 
 
 class TensorAccumulator:
@@ -179,14 +268,11 @@ class TensorAccumulator:
         finetuned: torch.Tensor | None = None,
         base: torch.Tensor | None = None,
         merged: torch.Tensor | None = None,
-        rounding: dict[str, Any] | None = None,
     ) -> None:
         """Add one chunk. ``lora`` must be float64 (``tv`` is upcast, exactly, if needed).
 
         ``tv=None`` with ``finetuned`` and ``base``: ``T`` is their exact float64 difference,
         computed here (on CPU block by block, so that no float64 copy of the chunk is made).
-        ``rounding``: what :meth:`rounding_figures` returned for this same chunk, computed
-        beforehand (on another thread); None: computed here.
         """
         if tv is None:
             if finetuned is None or base is None:
@@ -201,11 +287,7 @@ class TensorAccumulator:
         measurable = finetuned is not None and finetuned.dtype in BITS_OF
         with_base = measurable and base is not None
         if CPU_FIGURES and _all_cpu(tv, lora, finetuned, base, merged):
-            self._fold_figures(self._cpu_figures(tv, lora, finetuned, base, merged, rounding))
-        elif rounding is not None:
-            raise MismatchError(
-                "rounding figures came with a chunk that takes the device path", where=self.name
-            )
+            self._fold_figures(self._cpu_figures(tv, lora, finetuned, base, merged))
         else:
             self._fold(self._device_parts(tv, lora, finetuned, base, merged))
         if self.has_lora:
@@ -215,53 +297,17 @@ class TensorAccumulator:
             self._tripped += n
         self._ulp_seen += n if with_base else 0
 
-    def rounding_figures(
-        self,
-        *,
-        lora: torch.Tensor,
-        finetuned: torch.Tensor | None,
-        base: torch.Tensor | None,
-    ) -> dict[str, Any] | None:
-        """The rounding figures of a LoRA chunk (``F`` against the correctly rounded
-        ``W + L``, :func:`stream_tv.stats.cpu.rounding_figures`) for :meth:`update`'s
-        ``rounding``; None where ``update`` computes them itself (not the CPU path).
-
-        Reads no state of the accumulator, so another thread may compute them for the next
-        chunk while ``update`` folds this one; a chunk that ``update`` would refuse gets
-        None, and ``update`` then says why."""
-        chunks = (lora, finetuned, base)
-        if not (self.has_lora and CPU_FIGURES and _all_cpu(*chunks)):
-            return None
-        if lora.dtype != torch.float64 or any(
-            x is not None and x.shape != lora.shape for x in chunks
-        ):
-            return None
-        f, w = self._measured(finetuned, base)
-        return cpu.rounding_figures(lora.reshape(-1), f, w)
-
-    def _measured(self, finetuned, base) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Flat ``F`` and ``W`` for the rounding figures, or None: only an ``F`` of a dtype
-        with ulps (``BITS_OF``) is measured."""
-        if finetuned is None or finetuned.dtype not in BITS_OF:
-            return None, None
-        return finetuned.reshape(-1), None if base is None else base.reshape(-1)
-
-    def _cpu_figures(self, tv, lora, finetuned, base, merged, rounding) -> dict[str, Any]:
+    def _cpu_figures(self, tv, lora, finetuned, base, merged) -> dict[str, Any]:
         """The chunk's figures, computed the CPU way (:mod:`stream_tv.stats.cpu`)."""
         flat = [None if x is None else x.reshape(-1) for x in (finetuned, base, merged)]
         f, w, m = flat
         if self.has_lora:
-            f, w = self._measured(finetuned, base)
-            m = m if f is not None else None
+            if f is None or f.dtype not in BITS_OF:
+                f = w = m = None
             if tv is None and w is None:
                 tv = finetuned.to(torch.float64) - base.to(torch.float64)
             t = None if tv is None else tv.reshape(-1).to(torch.float64)
-            lo = lora.reshape(-1)
-            if rounding is None:
-                return cpu.lora_figures(t, lo, f, w, m)
-            return {**cpu.difference_figures(t, lo, f, w), **rounding, **cpu.merge_figures(f, m)}
-        if rounding is not None:
-            raise MismatchError("rounding figures came with a tensor without L", where=self.name)
+            return cpu.lora_figures(t, lora.reshape(-1), f, w, m)
         t = tv if tv.dtype.is_floating_point else tv.to(torch.float64)
         pair = f is not None and w is not None
         return cpu.plain_figures(t.reshape(-1), f if pair else None, w if pair else None)
@@ -279,7 +325,30 @@ class TensorAccumulator:
 
     def _device_parts(self, tv, lora, finetuned, base, merged) -> dict[str, list[torch.Tensor]]:
         """The chunk's figures as per-block device tensors (no synchronisation)."""
-        return device.parts(self.has_lora, tv, lora, finetuned, base, merged)
+        measurable = finetuned is not None and finetuned.dtype in BITS_OF
+        with_base = measurable and base is not None
+        dev = tv.device
+        parts: dict[str, list[torch.Tensor]] = {}
+        if self.has_lora:
+            assert lora is not None  # checked above
+            chunks = [tv, lora.to(dev)]
+            if measurable:
+                chunks += [finetuned.to(dev)]
+                chunks += [base.to(dev) if with_base else None]
+                chunks += [merged.to(dev) if merged is not None else None]
+            for t, lo, *rest in _blocks(chunks):
+                t = t.to(torch.float64)
+                _append(parts, _lt_block(t, lo))
+                if rest:
+                    _append(parts, _merge_block(rest[0], rest[1], lo, rest[2]))
+        else:
+            # The cheap path: no float64 copy of the chunk. vector_norm upcasts per element.
+            t = tv if tv.dtype.is_floating_point else tv.to(torch.float64)
+            pair = finetuned is not None and base is not None
+            chunks = [t] + ([finetuned.to(dev), base.to(dev)] if pair else [])
+            for t_b, *rest in _blocks(chunks):
+                _append(parts, _plain_block(t_b, *(rest or (None, None))))
+        return parts
 
     def update_zero(self, finetuned: torch.Tensor) -> None:
         """Add a chunk whose ``T`` is all zero and that has no LoRA delta: the ``finetuned``
@@ -494,3 +563,16 @@ _LORA_FIGURES = (
 
 def _all_cpu(*chunks: torch.Tensor | None) -> bool:
     return all(c is None or c.device.type == "cpu" for c in chunks)
+
+
+def _blocks(chunks: list[torch.Tensor | None]):
+    """Aligned flat blocks of the given chunks, ``None`` standing for an absent one."""
+    present = [c for c in chunks if c is not None]
+    for block in blocks(*present, size=STATS_BLOCK):
+        it = iter(block)
+        yield [None if c is None else next(it) for c in chunks]
+
+
+def _append(parts: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor]) -> None:
+    for key, value in values.items():
+        parts.setdefault(key, []).append(value)

@@ -29,14 +29,7 @@ from stream_tv.floats import (
 )
 from stream_tv.ops import round_to
 
-__all__ = [
-    "BLOCK",
-    "difference_figures",
-    "lora_figures",
-    "merge_figures",
-    "plain_figures",
-    "rounding_figures",
-]
+__all__ = ["BLOCK", "lora_figures", "plain_figures"]
 
 #: Elements per block (float64: 1 MiB per operand).
 BLOCK = 1 << 17
@@ -55,40 +48,32 @@ def lora_figures(
 ) -> Figures:
     """The chunk's figures of a tensor with a LoRA delta (flat float64 ``t``, ``lo``; raw
     ``f``, ``w``, ``merged`` or None), keyed like the accumulator's state. ``t=None``: ``T``
-    is ``f - w``, exactly, in float64 (``f`` and ``w`` given).
-
-    The union of :func:`difference_figures`, :func:`rounding_figures` and
-    :func:`merge_figures`, which share no key (``compare`` computes the rounding figures on
-    the engine's prepare thread)."""
-    return {
-        **difference_figures(t, lo, f, w),
-        **rounding_figures(lo, f, w),
-        **merge_figures(f, merged),
-    }
-
-
-def difference_figures(
-    t: torch.Tensor | None, lo: torch.Tensor, f: torch.Tensor | None, w: torch.Tensor | None
-) -> Figures:
-    """The figures of ``L`` against ``T``: the sums of squares and the dot product, the
-    largest and summed ``|L - T|``, whether ``T`` changed, the non-finite count."""
+    is ``f - w``, exactly, in float64 (``f`` and ``w`` given)."""
     sums = _Sums()
     n = lo.numel()
-    # float64 scratch rows: L - T, T
-    scratch = torch.empty((2 if t is None else 1, min(n, BLOCK)), dtype=torch.float64)
+    # float64 scratch rows: L - T, W + L, its rounding error, T
+    scratch = torch.empty((4 if w is not None else 1, min(n, BLOCK)), dtype=torch.float64)
     for a in range(0, n, BLOCK):
         b = min(a + BLOCK, n)
         d_buf, *more = scratch[:, : b - a]
         lb = lo[a:b]
-        if t is None:
-            # (copy, then subtract: a kernel of mixed dtypes costs twice as much)
-            tb = more[0].copy_(f[a:b]).sub_(w[a:b])  # F - W: exact in float64
+        if w is not None:
+            x_buf, e_buf, t_buf = more
+            # (copy, then add or subtract: a kernel of mixed dtypes costs twice as much)
+            x = x_buf.copy_(w[a:b])
+            tb = t[a:b] if t is not None else t_buf.copy_(f[a:b]).sub_(x)
+            x.add_(lb)  # W + L in float64
         else:
             tb = t[a:b]
         d = torch.sub(lb, tb, out=d_buf)
         figs = [torch.dot(tb, tb), torch.dot(lb, lb), torch.dot(lb, tb), torch.dot(d, d)]
         d.abs_()
         figs += [d.max(), d.sum()]
+        if w is not None:
+            rounded = round_to(x, f.dtype)  # correctly rounded, not via float32
+            e = e_buf.copy_(rounded).sub_(x)  # each element's rounding error
+            figs.append(torch.dot(e, e))
+            counts = torch.stack(ulp_counts(f[a:b], rounded)).tolist()
         v = torch.stack(figs).tolist()
         tt, ll, lt = _pairs3(v[0], v[1], v[2], tb, lb)
         sums.add_pair("_sum_tt", tt)
@@ -99,42 +84,18 @@ def difference_figures(
         sums.add("_max_abs", v[4])
         sums.add("_sum_abs", v[5])
         sums.add("_nonfinite", 0 if math.isfinite(v[4]) else _nonfinite(tb, lb))
-    return sums.totals
-
-
-def rounding_figures(lo: torch.Tensor, f: torch.Tensor | None, w: torch.Tensor | None) -> Figures:
-    """The figures of ``F`` against the correctly rounded ``W + L`` (``f`` and ``w``
-    given): each element's rounding error, summed in squares, and the ulp counts."""
-    sums = _Sums()
-    if w is None:
-        return sums.totals
-    n = lo.numel()
-    scratch = torch.empty((2, min(n, BLOCK)), dtype=torch.float64)  # W + L, its error
-    for a in range(0, n, BLOCK):
-        b = min(a + BLOCK, n)
-        x_buf, e_buf = scratch[:, : b - a]
-        x = x_buf.copy_(w[a:b]).add_(lo[a:b])  # W + L in float64
-        rounded = round_to(x, f.dtype)  # correctly rounded, not via float32
-        e = e_buf.copy_(rounded).sub_(x)  # each element's rounding error
-        zero, one, top = torch.stack(ulp_counts(f[a:b], rounded)).tolist()
-        sums.add_pair("_sum_ee", _pair(float(torch.dot(e, e)), e))
-        sums.add("_ulp0", zero)
-        sums.add("_ulp1", one)
-        sums.add("_ulp_max", top)
-    return sums.totals
-
-
-def merge_figures(f: torch.Tensor | None, merged: torch.Tensor | None) -> Figures:
-    """One pass over the raw chunk each: the largest half ulp of ``F``, and how many of its
-    elements equal ``merged`` cast to ``F``'s dtype, bit for bit."""
-    sums = _Sums()
+        if w is not None:
+            sums.add_pair("_sum_ee", _pair(v[6], e))
+            sums.add("_ulp0", counts[0])
+            sums.add("_ulp1", counts[1])
+            sums.add("_ulp_max", counts[2])
     if f is not None:
         sums.add("_max_bound", float(max_half_ulp(f)))
     if merged is not None:
         cast = merged.to(f.dtype)
         bits = BITS_OF[f.dtype]
         differ = torch.count_nonzero(torch.bitwise_xor(f.view(bits), cast.view(bits)))
-        sums.add("_exact", f.numel() - int(differ))
+        sums.add("_exact", n - int(differ))
     return sums.totals
 
 
