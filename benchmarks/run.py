@@ -33,6 +33,9 @@ Rows, per (op, size, model dtype, output dtype, cache state):
   model-facts memo emptied first (``STREAM_TV_CACHE_DIR``, stream_tv/lora/facts_cache.py): what
   the first run on a model costs, transformers imported and the model class built on the meta
   device. The ``stream-tv`` row runs after it, with the memo it left (every later run);
+- ``stream-tv --page-cache drop`` (cold rows): the stream-tv command dropping from the page
+  cache what it read from the disk (stream_tv/io/pagecache.py), where the default (``auto``)
+  keeps it when the inputs and output fit in the memory available;
 - ``stream-tv @ memory limit``: the stream-tv command again inside a cgroup-v1 memory limit
   (RSS + page cache, ``--mem-limit``), for a model larger than the memory it may use;
 - ``ties``, ``extract-lora``: ops whose rows come from hook scripts
@@ -86,6 +89,7 @@ from stream_tv.synthetic import llama_shapes  # noqa: E402
 
 PY = sys.executable
 LIMITED = "stream-tv @ memory limit"
+DROP_ROW = "stream-tv --page-cache drop"
 OPS = ("extract", "apply", "merge", "lora-delta", "compare")
 # Ops whose rows come from another engineer's peer script (see HOOKS below).
 HOOKS = {"ties": ("merge_methods", "issue 14"), "extract-lora": ("extract_lora", "issue 13")}
@@ -909,6 +913,16 @@ def cpu_equal(
     return r
 
 
+def _with_drop_row(tools: dict) -> dict:
+    """``tools`` with a ``stream-tv --page-cache drop`` row after the ``stream-tv`` row."""
+    out = {}
+    for name, spec in tools.items():
+        out[name] = spec
+        if name == "stream-tv":
+            out[DROP_ROW] = {**spec, "cmd": [*spec["cmd"], "--page-cache", "drop"]}
+    return out
+
+
 def measure_plan(
     plan: dict,
     size: str,
@@ -925,6 +939,8 @@ def measure_plan(
     if cache_state == "cold":  # the O_DIRECT floor too, among the floors
         cold = floor_tools(plan["in_files"], plan["out"], plan["out_bytes"], "cold")
         tools_all = {**cold, **{t: s for t, s in tools_all.items() if t not in cold}}
+        if "stream-tv" in tools_all:  # and the same command dropping behind what it reads
+            tools_all = _with_drop_row(tools_all)
     base_op = op.split(" ")[0]
     floors = {FLOORS[f] for f in args.floors}
     wanted = [

@@ -41,6 +41,7 @@ import torch
 
 from .errors import InputError, Interrupted, NonFiniteError, invariant
 from .io.index import TensorSpec
+from .io.pagecache import available_memory
 from .io.reader import Reader
 from .io.writer import OutTensor
 
@@ -176,21 +177,10 @@ def default_chunk_bytes(available: int | None = None) -> int:
     (True, True)
     """
     if available is None:
-        available = _available_memory()
+        available = available_memory()
     if available is None:
         return DEFAULT_CHUNK_MAX
     return int(min(DEFAULT_CHUNK_MAX, max(DEFAULT_CHUNK_MIN, available // 32)))
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 @dataclass
@@ -226,12 +216,14 @@ def run(
     description: str = "stream-tv",
     on_nonfinite: str = "ignore",
     tune_malloc: bool = True,
+    drop_behind: bool = False,
 ) -> RunStats:
     """Stream every task through the pipeline; return counts, timings and task results.
 
     ``on_nonfinite``: ``"error"`` raises :class:`NonFiniteError` at the first output chunk
     holding NaN/Inf, ``"warn"`` counts them per tensor in ``RunStats.nonfinite``,
-    ``"ignore"`` skips the check. On any error (Ctrl-C becomes :class:`Interrupted`) the
+    ``"ignore"`` skips the check. ``drop_behind``: see :class:`~stream_tv.io.reader.Reader`.
+    On any error (Ctrl-C becomes :class:`Interrupted`) the
     sink is aborted and the error raised.
     """
     t0 = time.perf_counter()
@@ -239,7 +231,8 @@ def run(
     _RUNNING.set()
     if tune_malloc:
         _reuse_freed_memory()
-    pipe = _Pipeline(list(tasks), list(_plan_steps(tasks, chunk_bytes)), device, sink)
+    steps = list(_plan_steps(tasks, chunk_bytes))
+    pipe = _Pipeline(list(tasks), steps, device, sink, drop_behind=drop_behind)
     bar = _progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
     try:
         with _fewer_torch_threads(_SPARE_CORES), contextlib.ExitStack() as sessions:
@@ -306,7 +299,13 @@ class _Pipeline:
     """The queues and threads of one run; the main thread computes (see :func:`_compute`)."""
 
     def __init__(
-        self, tasks: list[Task], steps: list[_Step], device: torch.device, sink: Sink | None
+        self,
+        tasks: list[Task],
+        steps: list[_Step],
+        device: torch.device,
+        sink: Sink | None,
+        *,
+        drop_behind: bool = False,
     ):
         self.tasks, self.steps, self.device, self.sink = tasks, steps, device, sink
         self.cuda = device.type == "cuda"
@@ -318,7 +317,7 @@ class _Pipeline:
         self.to_write: queue.Queue = queue.Queue(maxsize=1)
         self.stopping = threading.Event()
         self.errors: list[BaseException] = []
-        self.reader = Reader()
+        self.reader = Reader(drop_behind=drop_behind)
         self.stats = RunStats()
         self.threads = [
             threading.Thread(target=self._guard(self._read_stage), name="stream-tv-reader"),

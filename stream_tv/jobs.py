@@ -20,7 +20,9 @@ returns a :class:`Job`, and that reads no tensor data. The job says
 - ``result``: how to turn the :class:`Outcome` into the command's result object.
 
 :func:`run_job` runs it: device and chunk budget, output location check, checks, writer
-begin (resume/overwrite), free-space check, the engine, side files, index last.
+begin (resume/overwrite), free-space check, the engine, side files, index last. It also
+decides, once per run, whether the reader drops behind it (``--page-cache``,
+:func:`stream_tv.io.pagecache.drops_behind`).
 :func:`execute` is the same with an optional sink in place of the writer, which is how
 ``verify`` replays a command's own plan against an output it wrote. Adding a command means
 writing a planner (see ``stream_tv/commands/``) and a CLI entry; nothing here changes.
@@ -48,6 +50,7 @@ from .engine import RunStats, Sink, Task
 from .errors import DiskError, InputError, InternalError, Interrupted, MismatchError
 from .io.index import BASE_CONFIG_NAME, Checkpoint, FileIdentity, identity_of  # noqa: F401
 from .io.outdir import OutputDir
+from .io.pagecache import drops_behind
 from .io.writer import (
     OutputPlan,
     ShardWriter,
@@ -162,6 +165,7 @@ def execute(job: Job[Any], options: RunOptions, *, sink: Sink | None = None) -> 
     device = engine.resolve_device(options.device)
     chunk = options.chunk_bytes or engine.default_chunk_bytes()
     on_nonfinite = options.nonfinite_for(job.command)
+    drop_behind = drops_behind(options.page_cache, _footprint(job))
 
     def stream(tasks: Sequence[Task], into: Sink | None, **kw: Any) -> RunStats:
         return engine.run(
@@ -170,6 +174,7 @@ def execute(job: Job[Any], options: RunOptions, *, sink: Sink | None = None) -> 
             chunk_bytes=chunk,
             sink=into,
             tune_malloc=options.tune_malloc,
+            drop_behind=drop_behind,
             **kw,
         )
 
@@ -199,6 +204,12 @@ def execute(job: Job[Any], options: RunOptions, *, sink: Sink | None = None) -> 
         device=device,
         **written,
     )
+
+
+def _footprint(job: Job[Any]) -> int:
+    """Bytes a run brings into the page cache: each input tensor once, and the output."""
+    read = {(s.file, s.start): s.nbytes for t in (*job.checks, *job.tasks) for s in t.inputs}
+    return sum(read.values()) + sum(t.out.nbytes for t in job.tasks if t.out is not None)
 
 
 def check_output(path: Path, inputs: Sequence[Path]) -> None:

@@ -40,6 +40,9 @@ NONFINITE_DEFAULTS: dict[str, NonFinite] = {
     "scan": "ignore",
 }
 
+#: ``page_cache`` policies (what they do: io/pagecache.py).
+PAGE_CACHE_CHOICES = ("auto", "keep", "drop")
+
 DEFAULT_MAX_SHARD = "5GB"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -55,7 +58,9 @@ class RunOptions:
     ``restart`` discards an unfinished run in the output directory instead of resuming it;
     ``overwrite`` replaces a finished one. ``space_check`` refuses up front when the output's
     file system lacks the space; ``fsync`` flushes each shard before it is renamed.
-    ``force`` proceeds where our own index says an input is the wrong kind (a merged model
+    ``page_cache``: ``auto``, ``keep`` or ``drop``: whether pages read from the disk leave
+    the page cache once read (:mod:`stream_tv.io.pagecache`; ``auto`` drops when the inputs
+    and output exceed the memory available). ``force`` proceeds where our own index says an input is the wrong kind (a merged model
     given as a task vector, an adapter merged into a model that already holds it).
 
     Process-wide effects of a run, both documented here because they outlive the call:
@@ -78,6 +83,7 @@ class RunOptions:
     fsync: bool = False
     force: bool = False
     tune_malloc: bool = True
+    page_cache: str = "auto"
     chunk_bytes: int | None = field(init=False, repr=False, compare=False)
     shard_bytes: int = field(init=False, repr=False, compare=False)
 
@@ -89,6 +95,10 @@ class RunOptions:
         if self.on_nonfinite is not None and self.on_nonfinite not in NONFINITE_CHOICES:
             raise InputError(
                 f"on_nonfinite {self.on_nonfinite!r} is not one of {', '.join(NONFINITE_CHOICES)}"
+            )
+        if self.page_cache not in PAGE_CACHE_CHOICES:
+            raise InputError(
+                f"page_cache {self.page_cache!r} is not one of {', '.join(PAGE_CACHE_CHOICES)}"
             )
         chunk = None if self.chunk_size is None else _size(self.chunk_size, "chunk size")
         object.__setattr__(self, "chunk_bytes", chunk)

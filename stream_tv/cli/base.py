@@ -11,7 +11,13 @@ import click
 
 from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, StreamTVError
-from ..options import DEFAULT_MAX_SHARD, NONFINITE_CHOICES, NONFINITE_DEFAULTS, RunOptions
+from ..options import (
+    DEFAULT_MAX_SHARD,
+    NONFINITE_CHOICES,
+    NONFINITE_DEFAULTS,
+    PAGE_CACHE_CHOICES,
+    RunOptions,
+)
 from ..units import format_size
 
 
@@ -49,6 +55,16 @@ _READ_OPTIONS = [
         metavar="SIZE",
         help="Bytes per chunk in flight (rows of every input plus the output), e.g. 64MB. "
         "Default: 1/32 of available memory, 8-64 MiB. Peak memory is about 4x this.",
+    ),
+    click.option(
+        "--page-cache",
+        type=click.Choice(list(PAGE_CACHE_CHOICES)),
+        default="auto",
+        show_default=True,
+        help="Input pages read from the disk: keep them cached for the next run, or drop "
+        "them once read (a model larger than memory, one read once). auto drops when the "
+        "inputs and output exceed the memory available (a cgroup limit included). Pages "
+        "cached before the run stay either way.",
     ),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
 ]
@@ -119,6 +135,7 @@ def run_options(
             device: str,
             chunk_size: str | None,
             quiet: bool,
+            page_cache: str = "auto",
             max_shard_size: str = DEFAULT_MAX_SHARD,
             overwrite: bool = False,
             restart: bool = False,
@@ -139,6 +156,7 @@ def run_options(
                 space_check=not no_space_check,
                 fsync=fsync,
                 force=force,
+                page_cache=page_cache,
             )
             return fn(*args, options=options, **kwargs)
 

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, InputError
 from .inputs import FileIdentity, open_input, pread_exact
+from .pagecache import DropBehind
 from .specs import TensorSpec
 
 _CHANGED_HINT = (
@@ -44,12 +45,17 @@ class Reader:
     specs carry (recorded when the header was parsed): the same device, inode, size and
     mtime, and the same header bytes. A file replaced or rewritten between planning and
     reading is refused, never read as if it were the file that was planned.
+
+    ``drop_behind``: pages a read brings in from the disk leave the page cache once read
+    (:mod:`stream_tv.io.pagecache`); what was cached before stays either way.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, drop_behind: bool = False) -> None:
+        self.drop_behind = drop_behind
         self._fds: dict[Path, int] = {}
         self._ids: dict[Path, FileIdentity | None] = {}
         self._lock = threading.Lock()
+        self._drop: dict[int, DropBehind] = {}  # per descriptor (io/pagecache.py)
 
     def _fd(self, spec: TensorSpec) -> int:
         path = spec.file
@@ -82,6 +88,8 @@ class Reader:
             )
         fd, st = open_input(path := spec.file)
         try:
+            # residency before our first read (the header's)
+            drop = DropBehind(fd, st.st_size) if self.drop_behind else None
             if source is not None:
                 changes = source.differences(st)
                 if not changes:
@@ -99,6 +107,8 @@ class Reader:
         except BaseException:
             os.close(fd)
             raise
+        if drop is not None:
+            self._drop[fd] = drop
         return fd
 
     def check_unchanged(self) -> None:
@@ -161,13 +171,19 @@ class Reader:
                     hint="the file changed or was truncated during the run; fetch it again",
                 )
             done += n
+        drop = self._drop.get(fd)
+        if drop is not None:
+            drop.after_read(offset, total)
 
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
+                if fd in self._drop:
+                    self._drop[fd].release()
                 os.close(fd)
             self._fds.clear()
             self._ids.clear()
+            self._drop.clear()
 
     def __enter__(self) -> Reader:
         return self

@@ -1,0 +1,194 @@
+"""Drop behind: pages a cold read brought into the page cache leave it once they are read.
+
+A stream reads each byte of its inputs once. Left to itself, the kernel keeps every page it
+read in the page cache until memory runs out, so a cold 4 GB extract grows the cache by the
+12 GB it reads and writes, and a model larger than RAM pushes everything else on the machine
+out of memory. On the benchmark VM, growing the cache into memory the hypervisor had taken
+back is also slow: a cold 4 GB extract took 19-20 s, and 8.4-9.6 s when a cgroup limit made
+the kernel recycle 2 GB instead (benchmarks/RESULTS.md, run H).
+
+Dropping is not free either: a model that fits in memory and is read again (compare, then
+merge) is read from the disk again. So :func:`drops_behind` decides once per run (the
+``--page-cache`` option): ``keep`` never drops, ``drop`` always does, and ``auto`` (the
+default) drops when the run's inputs and output together exceed the memory available to
+this process (``MemAvailable``, and the memory limit of its cgroup when that is lower),
+where they could not all stay cached anyway.
+
+What a file had cached before we came (an earlier run, another program) is the user's, and
+stays: :class:`DropBehind` takes the file's residency when it is opened (``mincore`` on a
+mapping that is never touched, so looking faults nothing in) and, after each read, drops
+(``posix_fadvise(DONTNEED)``) only the pages of the range that were not resident then. A
+platform without ``mincore`` or ``posix_fadvise`` drops nothing.
+
+>>> drops_behind("auto", 12 * 2**30, available=23 * 2**30), drops_behind("auto", 24 * 2**30, 2**30)
+(False, True)
+>>> drops_behind("keep", 2**50, available=1), drops_behind("drop", 1, available=2**50)
+(False, True)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+
+import numpy as np
+
+from ..options import PAGE_CACHE_CHOICES
+
+__all__ = ["DropBehind", "available_memory", "drops_behind", "resident_pages"]
+
+PAGE = mmap.PAGESIZE
+#: How far before a read its drop starts. The page cache holds a file in folios of up to
+#: 2 MiB on x86-64 (more with larger base pages); one that straddles the end of a read is
+#: not dropped with it (``posix_fadvise`` drops whole folios inside the range only) but with
+#: the next read's range, which reaches back this far. Measured: without it a cold 4 GB read
+#: left 16% of the file cached, one 2 MiB folio at each tensor and chunk edge.
+SLACK = 16 << 20
+_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None) if hasattr(os, "posix_fadvise") else None
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+def drops_behind(policy: str, needed: int, available: int | None = None) -> bool:
+    """Whether a run that reads and writes ``needed`` bytes drops behind under ``policy``
+    (``available``: the memory it may use; default :func:`available_memory`)."""
+    if policy not in PAGE_CACHE_CHOICES:
+        raise ValueError(f"page-cache policy {policy!r} is not one of {PAGE_CACHE_CHOICES}")
+    if policy != "auto":
+        return policy == "drop"
+    if available is None:
+        available = available_memory()
+    return available is not None and needed > available
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still fill: ``MemAvailable``, or its cgroup's memory limit
+    (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, the tightest on the path up) when
+    lower. None where neither can be read."""
+    found = [v for v in (_meminfo_available(), _cgroup_limit()) if v is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_limit(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> int | None:
+    """The lowest memory limit on this process's cgroup path, or None (no limit, no cgroup)."""
+    try:
+        with open(own) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            try:
+                with open(os.path.join(base, *parts[:depth], name)) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 1 << 60:  # v1 "no limit" is ~2**63
+                limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def resident_pages(fd: int, size: int) -> np.ndarray | None:
+    """One bool per page of the file open as ``fd``: is it in the page cache now? None where
+    it cannot be known (no ``mincore``, a file that cannot be mapped)."""
+    if _LIBC is None or size <= 0:
+        return None
+    addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return None
+    try:
+        vec = np.empty(-(-size // PAGE), dtype=np.uint8)
+        if _LIBC.mincore(addr, size, vec.ctypes.data) != 0:
+            return None
+    finally:
+        _LIBC.munmap(addr, size)
+    return (vec & 1).astype(bool)
+
+
+class DropBehind:
+    """Drops from the page cache what reads of one file brought in (see the module).
+
+    ``after_read(offset, length)`` once a range is in our buffer; ``release()`` when the file
+    is closed. Pages resident when the file was opened are never dropped."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self._cold = None if _DONTNEED is None else resident_pages(fd, size)
+        if self._cold is not None:
+            np.logical_not(self._cold, out=self._cold)
+            if not self._cold.any():
+                self._cold = None  # all of it was cached: nothing of it is ever ours to drop
+
+    def after_read(self, offset: int, length: int) -> None:
+        """Drop the cold pages of ``[offset - SLACK, offset + length)``."""
+        if self._cold is None or length <= 0:
+            return
+        start = max(0, offset - SLACK) // PAGE * PAGE
+        self._drop_cold(start, offset + length - start)
+
+    def release(self) -> None:
+        """Drop every page that was not resident at open: the last folio of each read, and
+        what the kernel read ahead and we never asked for."""
+        if self._cold is not None:
+            self._drop_cold(0, len(self._cold) * PAGE)
+        self._cold = None
+
+    def _drop_cold(self, offset: int, length: int) -> None:
+        cold = self._cold
+        first, stop = offset // PAGE, min(len(cold), -(-(offset + length) // PAGE))
+        window = cold[first:stop]
+        if window.all():  # the usual cold case: one call
+            self._drop(offset, length)
+            return
+        if not window.any():
+            return
+        # runs of pages that were not resident: starts where a run begins, ends where it ends
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], window, [False])).astype(np.int8)))
+        for a, b in zip(edges[0::2], edges[1::2], strict=True):
+            lo = max(offset, (first + int(a)) * PAGE)
+            hi = min(offset + length, (first + int(b)) * PAGE)
+            self._drop(lo, hi - lo)
+
+    def _drop(self, offset: int, length: int) -> None:
+        try:
+            os.posix_fadvise(self.fd, offset, length, _DONTNEED)
+        except OSError:  # advice only: a filesystem that refuses it loses nothing
+            self._cold = None
+            return

@@ -1,0 +1,176 @@
+"""The reader and the page cache (io/pagecache.py): with drop-behind, what it read from the
+disk leaves the cache and what was cached before stays; without it nothing is dropped; the
+bytes are right either way; and the policy that decides it, once per run."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stream_tv.io import pagecache
+from stream_tv.io.index import read_header
+from stream_tv.io.reader import Reader
+from stream_tv.options import RunOptions
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="mincore and posix_fadvise are Linux's"
+)
+
+ROWS, COLS = 4096, 1024  # 16 MiB of float32: more than SLACK's reach back from one read
+
+
+def _resident(path: str) -> float:
+    """Fraction of ``path``'s pages in the page cache (mincore on an untouched mapping)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            pages = -(-size // mmap.PAGESIZE)
+            vec = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(addr, size, vec) == 0
+            return sum(v & 1 for v in bytes(vec)) / pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _warm(path: str) -> None:
+    with open(path, "rb") as f:
+        f.read()
+
+
+def _cold(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if _resident(path) > 0.05:
+        pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
+
+
+@pytest.fixture
+def model(tmp_path):
+    weights = torch.randn(ROWS, COLS)
+    path = str(tmp_path / "m.safetensors")
+    save_file({"w": weights}, path)
+    return path, read_header(path)["w"], weights
+
+
+def _read_in_chunks(reader: Reader, spec, weights, rows: int = 512) -> None:
+    for start in range(0, ROWS, rows):  # as the engine reads: row chunks, in order
+        assert torch.equal(
+            reader.read_rows(spec, start, start + rows), weights[start : start + rows]
+        )
+
+
+@linux_only
+def test_drop_behind_leaves_a_cold_file_uncached(model):
+    path, spec, weights = model
+    _cold(path)
+    with Reader(drop_behind=True) as r:
+        _read_in_chunks(r, spec, weights)
+        during = _resident(path)
+    assert during < 0.5  # dropped as it went: at most SLACK behind the last read, of 16 MiB
+    assert _resident(path) < 0.01  # and the rest when the file was closed
+
+
+@linux_only
+def test_drop_behind_keeps_what_was_cached_before(model):
+    path, spec, weights = model
+    _warm(path)
+    assert _resident(path) > 0.95
+    with Reader(drop_behind=True) as r:
+        _read_in_chunks(r, spec, weights)
+    assert _resident(path) > 0.95
+
+
+@linux_only
+def test_drop_behind_drops_only_the_part_it_brought_in(model):
+    path, spec, weights = model
+    _cold(path)
+    _warm(path)  # cached by "someone else", then the second half evicted
+    half = os.path.getsize(path) // 2 // mmap.PAGESIZE * mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, half, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert 0.45 < _resident(path) < 0.55
+    with Reader(drop_behind=True) as r:
+        assert torch.equal(r.read(spec), weights)
+    # the first half (less the header page) stays, the second half is gone
+    assert 0.45 < _resident(path) < 0.55
+
+
+@linux_only
+def test_without_drop_behind_the_kernel_keeps_what_was_read(model):
+    path, spec, weights = model
+    _cold(path)
+    with Reader() as r:
+        _read_in_chunks(r, spec, weights)
+    assert _resident(path) > 0.9
+
+
+def test_drop_behind_without_mincore_drops_nothing(model, monkeypatch):
+    path, spec, weights = model
+    monkeypatch.setattr(pagecache, "_LIBC", None)  # as on a platform without mincore
+    calls = []
+    monkeypatch.setattr(pagecache.os, "posix_fadvise", lambda *a: calls.append(a), raising=False)
+    with Reader(drop_behind=True) as r:
+        _read_in_chunks(r, spec, weights)
+    assert [c for c in calls if c[-1] == getattr(os, "POSIX_FADV_DONTNEED", None)] == []
+
+
+def test_auto_drops_only_what_cannot_stay_cached():
+    gib = 2**30
+    assert not pagecache.drops_behind("auto", 12 * gib, available=23 * gib)
+    assert pagecache.drops_behind("auto", 24 * gib, available=23 * gib)
+    assert pagecache.drops_behind("drop", 1, available=23 * gib)
+    assert not pagecache.drops_behind("keep", 100 * gib, available=gib)
+    with pytest.raises(ValueError):
+        pagecache.drops_behind("never", 1, available=1)
+
+
+def test_auto_keeps_when_memory_cannot_be_read(monkeypatch):
+    monkeypatch.setattr(pagecache, "available_memory", lambda: None)
+    assert not pagecache.drops_behind("auto", 2**60)
+
+
+def test_page_cache_option_is_checked():
+    assert RunOptions(page_cache="drop").page_cache == "drop"
+    with pytest.raises(Exception, match="page_cache 'nocache' is not one of auto, keep, drop"):
+        RunOptions(page_cache="nocache")
+
+
+def test_cgroup_limits_are_read_on_the_whole_path(tmp_path):
+    own = tmp_path / "cgroup"
+    # v1 memory controller: the leaf has no limit (2**63 - 4096), its parent 2 GiB
+    own.write_text("4:memory:/jobs/run1\n1:cpu:/\n")
+    v1 = tmp_path / "memory" / "jobs"
+    (v1 / "run1").mkdir(parents=True)
+    (v1 / "run1" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
+    assert pagecache._cgroup_limit(str(tmp_path), str(own)) == 2 * 2**30
+    # v2: "max" is no limit; the leaf's own limit counts
+    own.write_text("0::/a/b\n")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "memory.max").write_text("max\n")
+    (tmp_path / "a" / "b" / "memory.max").write_text("1073741824\n")
+    assert pagecache._cgroup_limit(str(tmp_path), str(own)) == 2**30
+    own.write_text("0::/\n")
+    assert pagecache._cgroup_limit(str(tmp_path), str(own)) is None
