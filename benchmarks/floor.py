@@ -3,10 +3,13 @@
 run.py times each op against what the hardware allows for the same bytes:
 
     python benchmarks/floor.py io --read F [F ...] [--write OUT --write-bytes N] [--direct]
+            [--drop]
         read every file once, sequentially, into one reused buffer (8 MiB pieces; with
         --direct through O_DIRECT into an aligned buffer, so the page cache is bypassed),
         then write N bytes to OUT in 256 KB pieces (the piece size the writer uses, see
-        IO_PROBE.md). Prints JSON: read_s, write_s, wall_s, bytes.
+        IO_PROBE.md). --drop: buffered, but each piece read and each 64 MiB written is
+        dropped from the page cache (posix_fadvise DONTNEED), as stream-tv's
+        --page-cache drop does. Prints JSON: read_s, write_s, wall_s, bytes.
     python benchmarks/floor.py evict F [F ...]     posix_fadvise(DONTNEED) each file
     python benchmarks/floor.py resident F [F ...]  fraction of the files' pages in the page cache
     python benchmarks/floor.py drop-caches         sync; echo 3 > /proc/sys/vm/drop_caches
@@ -36,8 +39,12 @@ DROP_CACHES = "/proc/sys/vm/drop_caches"
 # --------------------------------------------------------------------------- the I/O floor
 
 
+DROP_SLACK = 16 * 2**20  # reach back for the folio that straddles a piece's start
+WRITEBACK_STEP = 64 * 2**20
+
+
 def read_files(
-    paths: list[str], direct: bool = False, piece: int = READ_PIECE
+    paths: list[str], direct: bool = False, piece: int = READ_PIECE, drop: bool = False
 ) -> tuple[int, mmap.mmap]:
     """Read every file once into one reused buffer; return (bytes read, the buffer)."""
     buf = mmap.mmap(-1, piece)  # page-aligned: O_DIRECT accepts it
@@ -52,6 +59,9 @@ def read_files(
                 n = os.preadv(fd, [mv], off)
                 if n <= 0:
                     break
+                if drop:
+                    lo = max(0, off - DROP_SLACK)
+                    os.posix_fadvise(fd, lo, off + n - lo, os.POSIX_FADV_DONTNEED)
                 off += n
                 if n < piece:  # EOF (O_DIRECT returns the short tail of the file)
                     break
@@ -62,7 +72,9 @@ def read_files(
     return total, buf
 
 
-def write_bytes(path: str, nbytes: int, src: mmap.mmap, piece: int = WRITE_PIECE) -> None:
+def write_bytes(
+    path: str, nbytes: int, src: mmap.mmap, piece: int = WRITE_PIECE, drop: bool = False
+) -> None:
     """Write ``nbytes`` to a new ``path`` in ``piece``-sized pwrites (taken cyclically from
     ``src``), as the writer does: posix_fallocate first, then 256 KB pieces."""
     mv = memoryview(src)
@@ -75,19 +87,28 @@ def write_bytes(path: str, nbytes: int, src: mmap.mmap, piece: int = WRITE_PIECE
             n = min(piece, nbytes - off)
             s = off % (len(mv) - piece + 1) if len(mv) > piece else 0
             off += os.pwrite(fd, mv[s : s + n], off)
+            if drop and off % WRITEBACK_STEP == 0:  # start write-back, drop what is clean
+                lo = max(0, off - 4 * WRITEBACK_STEP)
+                os.posix_fadvise(fd, lo, off - lo, os.POSIX_FADV_DONTNEED)
+        if drop:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
         mv.release()
 
 
 def io_floor(
-    reads: list[str], write: str = "", write_bytes_n: int = 0, direct: bool = False
+    reads: list[str],
+    write: str = "",
+    write_bytes_n: int = 0,
+    direct: bool = False,
+    drop: bool = False,
 ) -> dict:
     t0 = time.perf_counter()
-    nread, buf = read_files(reads, direct=direct)
+    nread, buf = read_files(reads, direct=direct, drop=drop)
     t1 = time.perf_counter()
     if write:
-        write_bytes(write, write_bytes_n, buf)
+        write_bytes(write, write_bytes_n, buf, drop=drop)
     t2 = time.perf_counter()
     return {
         "read_s": t1 - t0,
@@ -96,6 +117,7 @@ def io_floor(
         "read_bytes": nread,
         "write_bytes": write_bytes_n if write else 0,
         "direct": direct,
+        "drop": drop,
     }
 
 
@@ -241,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", default="")
     p.add_argument("--write-bytes", type=int, default=0, help="bytes (an integer)")
     p.add_argument("--direct", action="store_true")
+    p.add_argument("--drop", action="store_true")
     for name in ("evict", "resident"):
         sub.add_parser(name).add_argument("files", nargs="+")
     sub.add_parser("drop-caches")
@@ -249,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bytes", type=int, default=2**30)
     args = ap.parse_args(argv)
     if args.cmd == "io":
-        print(json.dumps(io_floor(args.read, args.write, args.write_bytes, args.direct)))
+        print(json.dumps(io_floor(args.read, args.write, args.write_bytes, args.direct, args.drop)))
     elif args.cmd == "evict":
         evict(args.files)
     elif args.cmd == "resident":

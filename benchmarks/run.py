@@ -19,6 +19,8 @@ Rows, per (op, size, model dtype, output dtype, cache state):
   8 MiB buffer, then posix_fallocate + 256 KB pwrites (the writer's pattern); its read time
   alone gives the host-read floor of the CUDA rows;
 - ``floor: O_DIRECT read+write`` (cold rows): the same reading through O_DIRECT;
+- ``floor: read+write, dropped behind`` (cold rows): floor.py buffered, dropping each piece
+  read and each 64 MiB written from the page cache (what ``--page-cache drop`` does);
 - ``safetensors``: the whole-model peer (peers.py: load_file every shard, torch, save_file);
 - ``peft`` (merge): transformers + PeftModel.merge_and_unload + save_pretrained;
 - ``mergekit`` (apply): mergekit-yaml task_arithmetic, weight 1 of finetuned - base, computed
@@ -582,7 +584,12 @@ def stream_tv_available(args: argparse.Namespace, ops: list[str]) -> dict[str, t
     return res
 
 
-FLOORS = {"dd": "floor: dd", "rw": "floor: read+write", "direct": "floor: O_DIRECT read+write"}
+FLOORS = {
+    "dd": "floor: dd",
+    "rw": "floor: read+write",
+    "direct": "floor: O_DIRECT read+write",
+    "drop": "floor: read+write, dropped behind",
+}
 
 
 def floor_tools(in_files: list[str], out: str, out_bytes: int, cache: str) -> dict:
@@ -602,6 +609,7 @@ def floor_tools(in_files: list[str], out: str, out_bytes: int, cache: str) -> di
     }
     if cache == "cold":
         tools["floor: O_DIRECT read+write"] = {"cmd": [*fl, "--direct"], "floor_json": True}
+        tools[FLOORS["drop"]] = {"cmd": [*fl, "--drop"], "floor_json": True}
     return tools
 
 
@@ -1462,8 +1470,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--floors",
-        default="dd,rw,direct",
-        help="which floors: dd, rw (floor.py read+write), direct (O_DIRECT reads, cold rows only)",
+        default="dd,rw,direct,drop",
+        help="which floors: dd, rw (floor.py read+write), direct (O_DIRECT reads, cold rows "
+        "only), drop (read+write dropping behind, cold rows only)",
     )
     ap.add_argument("--dtype", default="bf16", help="model dtype(s), comma list of bf16,fp16,fp32")
     ap.add_argument(

@@ -189,7 +189,7 @@ def execute(job: Job[Any], options: RunOptions, *, sink: Sink | None = None) -> 
     label = job.description or job.command
     written: dict[str, Any] = {}
     if writes:
-        stats, written = _write(job, options, on_nonfinite, stream, label)
+        stats, written = _write(job, options, on_nonfinite, stream, label, drop_behind)
     elif files is not None:
         stats = _write_files(job, files, options, on_nonfinite, stream, label)
         written = {"output": files.path}
@@ -218,7 +218,12 @@ def check_output(path: Path, inputs: Sequence[Path]) -> None:
 
 
 def _write(
-    job: Job[Any], options: RunOptions, on_nonfinite: str, stream, label: str
+    job: Job[Any],
+    options: RunOptions,
+    on_nonfinite: str,
+    stream,
+    label: str,
+    drop_behind: bool,
 ) -> tuple[RunStats, dict[str, Any]]:
     out = job.output
     assert out is not None
@@ -243,6 +248,7 @@ def _write(
         overwrite=options.overwrite,
         resume=not options.restart,
         fsync=options.fsync,
+        drop_behind=drop_behind,
     )
     writer.begin()
     resumed = len(writer.completed)

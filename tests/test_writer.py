@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from decimal import Decimal
 from pathlib import Path
 
@@ -264,3 +265,53 @@ def test_fsync_flushes_every_shard_only_when_asked(tmp_path, monkeypatch, durabl
     extract_task_vector(base, ft, tmp_path / "tv", options=opts)
     shards = [p for p in flushed if p.endswith(".partial")]
     assert len(shards) == (3 if durable else 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_writer_drop_behind_advises_every_written_byte(tmp_path, monkeypatch):
+    """With drop_behind, write-back starts every window and each window is advised again
+    while later ones are written (its write-back has had time to finish), and the whole shard
+    once more at its close; the bytes are those of a plain write."""
+    from stream_tv.io import writer as writer_mod
+
+    step = 1 << 16
+    monkeypatch.setattr(writer_mod, "WRITEBACK_STEP", step)
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            calls.append((offset, length))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(writer_mod.os, "posix_fadvise", record)
+    tensors = {"a": torch.randn(40, 1024), "b": torch.randn(24, 1024)}  # 256 KiB: 4 windows
+    plan = OutputPlan.build(
+        [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], 1e9
+    )
+    writer = ShardWriter(tmp_path / "d", plan, plan.fingerprint(), drop_behind=True)
+    writer.begin()
+    for n, t in tensors.items():
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        for k in range(0, len(data), 8192):
+            writer.write(n, k, memoryview(data[k : k + 8192]))
+    writer.finish({"operation": "test"})
+    write_plan(tmp_path / "p", tensors, int(1e9), piece=8192)
+    name = plan.shards[0].name
+    assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "p" / name).read_bytes()
+    header = len(plan.shards[0].header)
+    windows = [(o, n) for o, n in calls if n > 0]
+    assert len(windows) >= 3  # one per window written, before the close
+    assert all(o >= header for o, _ in windows)  # the header is never advised mid-shard
+    assert windows[-1][1] >= 3 * step  # the newest advice reaches back over older windows
+    assert calls[-1] == (0, 0)  # and the close advises the whole shard
+
+
+def test_writer_without_drop_behind_advises_nothing(tmp_path, monkeypatch):
+    from stream_tv.io import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "WRITEBACK_STEP", 1 << 16)
+    calls = []
+    monkeypatch.setattr(writer_mod.os, "posix_fadvise", lambda *a: calls.append(a), raising=False)
+    write_plan(tmp_path / "p", {"a": torch.randn(64, 1024)}, int(1e9), piece=8192)
+    assert calls == []

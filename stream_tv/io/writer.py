@@ -41,6 +41,7 @@ from .outdir import (  # noqa: F401  (re-exported: where the writer keeps its st
 
 WRITEBACK_STEP = 64 * 2**20  # bytes between write-back requests (see ShardWriter.write)
 _FADVISE = getattr(os, "POSIX_FADV_DONTNEED", 0) if hasattr(os, "posix_fadvise") else 0
+_DROP_LAG = 4  # drop_behind: windows before the newest whose clean pages are dropped again
 WRITE_PIECE = 256 * 1024  # bytes per write() call; see benchmarks/RESULTS.md ("Writer")
 
 
@@ -167,6 +168,7 @@ class ShardWriter:
     overwrite: bool = False
     resume: bool = True
     fsync: bool = False  # flush each shard before its rename (see _close_shard)
+    drop_behind: bool = False  # written pages leave the page cache once on disk (write())
     completed: dict[int, int] = field(default_factory=dict)  # shard index -> crc32
     _open: dict[int, _OpenShard] = field(default_factory=dict)
 
@@ -284,11 +286,20 @@ class ShardWriter:
         shard.expected -= len(data)
         if shard.expected == 0:
             self._close_shard(i)
-        elif self.fsync and _FADVISE and shard.position - shard.flushed >= WRITEBACK_STEP:
+        elif (
+            (self.fsync or self.drop_behind)
+            and _FADVISE
+            and shard.position - shard.flushed >= WRITEBACK_STEP
+        ):
             # Start write-back of what is written so far, without waiting for it: the disk
             # works while we compute, so the fsync at the end of the shard finds less left
-            # to flush.
-            os.posix_fadvise(shard.fd, shard.flushed, shard.position - shard.flushed, _FADVISE)
+            # to flush. The same advice drops the pages that are clean by now: with
+            # drop_behind it covers the last few windows, whose write-back has had time to
+            # finish (io/pagecache.py: a stream that recycles its cache).
+            start = shard.flushed
+            if self.drop_behind:
+                start = max(len(shard.layout.header), start - _DROP_LAG * WRITEBACK_STEP)
+            os.posix_fadvise(shard.fd, start, shard.position - start, _FADVISE)
             shard.flushed = shard.position
 
     def _open_shard(self, i: int) -> _OpenShard:
@@ -340,6 +351,8 @@ class ShardWriter:
         try:
             if self.fsync:
                 os.fsync(shard.fd)  # delayed allocation can report a full disk only here
+            if self.drop_behind and _FADVISE:
+                os.posix_fadvise(shard.fd, 0, 0, _FADVISE)  # what is clean of it by now
         except OSError as e:
             self._abandon(i)
             raise self._disk_error(e, f"finishing {shard.layout.name}") from e
