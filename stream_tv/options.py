@@ -60,7 +60,7 @@ class RunOptions:
     file system lacks the space; ``fsync`` flushes each shard before it is renamed.
     ``page_cache``: ``auto``, ``keep`` or ``drop``: whether pages read from the disk leave
     the page cache once read (:mod:`stream_tv.io.pagecache`; ``auto`` drops when the inputs
-    and output exceed the memory available). ``force`` proceeds where our own index says an input is the wrong kind (a merged model
+    and output exceed the memory available, or where the host takes free pages back). ``force`` proceeds where our own index says an input is the wrong kind (a merged model
     given as a task vector, an adapter merged into a model that already holds it).
 
     Process-wide effects of a run, both documented here because they outlive the call:

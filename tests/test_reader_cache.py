@@ -136,7 +136,8 @@ def test_drop_behind_without_mincore_drops_nothing(model, monkeypatch):
     assert [c for c in calls if c[-1] == getattr(os, "POSIX_FADV_DONTNEED", None)] == []
 
 
-def test_auto_drops_only_what_cannot_stay_cached():
+def test_auto_drops_only_what_cannot_stay_cached(monkeypatch):
+    monkeypatch.setattr(pagecache, "host_takes_free_pages", lambda: False)  # bare metal
     gib = 2**30
     assert not pagecache.drops_behind("auto", 12 * gib, available=23 * gib)
     assert pagecache.drops_behind("auto", 24 * gib, available=23 * gib)
@@ -148,7 +149,33 @@ def test_auto_drops_only_what_cannot_stay_cached():
 
 def test_auto_keeps_when_memory_cannot_be_read(monkeypatch):
     monkeypatch.setattr(pagecache, "available_memory", lambda: None)
+    monkeypatch.setattr(pagecache, "host_takes_free_pages", lambda: False)
     assert not pagecache.drops_behind("auto", 2**60)
+
+
+def _virtio(root, name: str, device: str, features: str) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "device").write_text(device + "\n")
+    (d / "features").write_text(features.ljust(128, "0") + "\n")
+
+
+def test_auto_drops_where_the_host_takes_free_pages_back(tmp_path, monkeypatch):
+    """A balloon that reports free pages (bit 5) makes auto drop whatever the sizes; the
+    same bit on another virtio device, or a balloon without it, does not."""
+    root = tmp_path / "devices"
+    _virtio(root, "virtio0", "0x0001", "000001")  # a network card: bit 5 means else
+    _virtio(root, "virtio1", "0x0005", "0110")  # balloon: stats, deflate on OOM
+    assert not pagecache.host_takes_free_pages(str(root))
+    _virtio(root, "virtio2", "0x0005", "01100101")  # ... and free page reporting
+    assert pagecache.host_takes_free_pages(str(root))
+    assert not pagecache.host_takes_free_pages(str(tmp_path / "absent"))
+    (root / "virtio3").mkdir()  # a device whose files cannot be read
+    assert pagecache.host_takes_free_pages(str(root))
+    gib = 2**30
+    monkeypatch.setattr(pagecache, "host_takes_free_pages", lambda: True)
+    assert pagecache.drops_behind("auto", gib, available=23 * gib)
+    assert not pagecache.drops_behind("keep", gib, available=23 * gib)
 
 
 def test_page_cache_option_is_checked():

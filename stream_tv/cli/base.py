@@ -61,10 +61,11 @@ _READ_OPTIONS = [
         type=click.Choice(list(PAGE_CACHE_CHOICES)),
         default="auto",
         show_default=True,
-        help="Input pages read from the disk: keep them cached for the next run, or drop "
-        "them once read (a model larger than memory, one read once). auto drops when the "
-        "inputs and output exceed the memory available (a cgroup limit included). Pages "
-        "cached before the run stay either way.",
+        help="Pages read from the disk and written: keep them cached for the next run, or "
+        "drop them once read or written (a model larger than memory, one read once). auto "
+        "drops when the inputs and output exceed the memory available (a cgroup limit "
+        "included), or on a virtual machine whose balloon hands free pages back to its host "
+        "(there the cache is slow to grow). Pages cached before the run stay either way.",
     ),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
 ]
