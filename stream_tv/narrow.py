@@ -39,6 +39,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .bits import zero_difference
+
 __all__ = ["BLOCK", "ROW", "round_from_float64", "round_to_odd32", "subtract_narrow"]
 
 #: Elements per block: the block's inputs, its float32 scratch and its output stay in L2.
@@ -86,11 +88,18 @@ def subtract_narrow(f: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torc
 
     if f.dtype == b.dtype == out.dtype:
         return torch.sub(f.reshape(out.shape), b.reshape(out.shape), out=out)
+    if f.dtype == b.dtype and zero_difference(f, b):
+        # A chunk the fine-tune left alone (equal bytes, all finite): +0, no arithmetic.
+        return out.zero_()
     if out.dtype == torch.bfloat16:
-        return _rounded(out, [f, b], value, _bf16_midpoints, exact, below=_INT32_MIN + 1, scratch=1)
-    if f.dtype == b.dtype == torch.bfloat16:
-        return _rounded(out, [f, b], value, _tiny_operand, exact, below=_TINY_BELOW, scratch=2)
-    return _rounded(out, [f, b], value, _inexact_difference, exact, below=None, scratch=3)
+        key, below, rows, dtype = _bf16_midpoints, _INT32_MIN + 1, 1, torch.int32
+    elif f.dtype == b.dtype == torch.bfloat16:
+        key, below, rows, dtype = _tiny_operand, _TINY_BELOW, 2, torch.int16
+    else:
+        key, below, rows, dtype = _inexact_difference, None, 3, torch.int32
+    return _rounded(
+        out, [f, b], value, key, exact=exact, below=below, scratch=rows, key_dtype=dtype
+    )
 
 
 def round_from_float64(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -105,7 +114,7 @@ def round_from_float64(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         key, below = _bf16_midpoints, _INT32_MIN + 1
     else:
         key, below = _fp16_midpoint_candidates, 1
-    return _rounded(out, [x], value, key, lambda p: p[0], below=below, scratch=1)
+    return _rounded(out, [x], value, key, exact=lambda p: p[0], below=below)
 
 
 def _bf16_midpoints(p: Parts, work: torch.Tensor) -> torch.Tensor:
@@ -168,39 +177,38 @@ def _rounded(
     inputs: Parts,
     value: Callable[[Parts, torch.Tensor], None],
     key: Callable[[Parts, torch.Tensor], torch.Tensor],
-    exact: Callable[[Parts], torch.Tensor],
     *,
+    exact: Callable[[Parts], torch.Tensor],
     below: int | None,
-    scratch: int,
+    scratch: int = 1,
+    key_dtype: torch.dtype = torch.int32,
 ) -> torch.Tensor:
     """The shared loop: ``out`` (flat) = ``value`` rounded to ``out.dtype``, block by block,
     then the suspects set to ``round_to_odd32(exact(...))``. The suspects: where the integer
     ``key`` is below ``below`` (each row's minimum is kept); or, with ``below=None``, where
     the key (then >= 0) is not zero (each row's maximum). A key of several rows (one per
     operand) marks an element where any of them does. ``scratch``: the float32 rows
-    ``key`` uses."""
+    ``key`` uses; ``key_dtype``: the key's."""
     o = out.view(-1)
     flat = [x.reshape(-1) for x in inputs]
     n = o.numel()
     full = n - n % ROW
     work = torch.empty((scratch, min(full, BLOCK)), dtype=torch.float32)
-    marks = None
+    marks = torch.empty(full // ROW, dtype=key_dtype)
     reduce = torch.amax if below is None else torch.amin
     for start in range(0, full, BLOCK):
         stop = min(start + BLOCK, full)
         parts = [x[start:stop] for x in flat]
+        rows = marks[start // ROW : stop // ROW]
         w = work[:, : stop - start]
         value(parts, w[0])
         o[start:stop].copy_(w[0])
         k = key(parts, w)
-        if marks is None:
-            marks = torch.empty(full // ROW, dtype=k.dtype)
-        rows = marks[start // ROW : stop // ROW]
         if k.dim() == 1:
             reduce(k.view(-1, ROW), 1, out=rows)
         else:
             reduce(k.view(k.shape[0], -1, ROW), (0, 2), out=rows)
-    hit = _suspects(marks, below) if marks is not None else torch.empty(0, dtype=torch.int64)
+    hit = _suspects(marks, below)
     per_pass = BLOCK // ROW
     grid = o[:full].view(-1, ROW)
     # The rows holding a suspect (one in 2**16 elements of a bf16 result holds a midpoint: a

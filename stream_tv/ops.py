@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .bits import equal as equal  # ops.equal: the commands use it
 from .narrow import BLOCK as NARROW_BLOCK
 from .narrow import round_from_float64, round_to_odd32, subtract_narrow
 
@@ -148,38 +149,3 @@ def add_scaled(
             # float64 -> bf16/fp16: rounded once, not via float32 (float32: the same cast)
             o.copy_(round_to(acc, out.dtype) if acc.dtype == torch.float64 else acc)
     return out
-
-
-def equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality of two chunks (NaN equals NaN with the same bits)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if _memcmp is not None and _plain_cpu(a) and _plain_cpu(b):
-        # memcmp: ~5x torch.equal on the same bytes here, and without the GIL (ctypes)
-        return _memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
-    if a.is_floating_point():
-        return torch.equal(a.view(_int_view(a.dtype)), b.view(_int_view(b.dtype)))
-    return torch.equal(a, b)
-
-
-def _plain_cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.is_contiguous()
-
-
-def _libc_memcmp():
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None).memcmp
-    except (OSError, AttributeError):  # no C library to call: torch.equal
-        return None
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    return fn
-
-
-_memcmp = _libc_memcmp()
-
-
-def _int_view(dtype: torch.dtype) -> torch.dtype:
-    return {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[dtype.itemsize]

@@ -155,3 +155,22 @@ def test_small_differences_of_ordinary_weights_need_no_repair(monkeypatch):
     got = subtract_narrow(f, w, torch.empty(w.numel(), dtype=torch.float16))
     assert same_bits(got, reference(f, w, torch.float16))
     assert found[0].tolist() == [0]  # the row of element 7 alone
+
+
+@pytest.mark.parametrize("src", ["bf16", "fp16"])
+@pytest.mark.parametrize("dst", ["bf16", "fp16"])
+def test_an_unchanged_chunk_is_zero_and_its_nonfinite_elements_stay_nan(src, dst):
+    # Equal bytes take a shortcut (no arithmetic): +0, where every element is finite. A chunk
+    # holding an infinity or a NaN takes the arithmetic: inf - inf is NaN, with its bits.
+    s, d = DTYPES[src], DTYPES[dst]
+    n = 3 * (1 << 16) + 300  # whole blocks, a partial one, and a tail shorter than a row
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(n, generator=g) * 0.02).to(s)
+    base[:5] = torch.tensor([-0.0, 0.0, 1.0, -1.0, 2.0])
+    got = subtract_narrow(base.clone(), base, torch.full((n,), 7.0, dtype=d))
+    assert not got.any() and not got.signbit().any()  # +0 everywhere, -0.0 - -0.0 included
+    base[(1 << 16) + 9], base[2 * (1 << 16) + 3] = math.inf, math.nan
+    got = subtract_narrow(base.clone(), base, torch.empty(n, dtype=d))
+    assert same_bits(got, reference(base, base, d))
+    assert got[(1 << 16) + 9].isnan() and got[2 * (1 << 16) + 3].isnan()
+    assert torch.count_nonzero(got.nan_to_num(1.0)) == 2
