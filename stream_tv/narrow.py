@@ -135,9 +135,10 @@ _TINY_BELOW = -(2**15) + _TINY_MAGNITUDE - 1
 
 
 def _tiny_operand(p: Parts, work: torch.Tensor) -> torch.Tensor:
-    """Key, int16 in ``work[1]`` (two int16 rows in one float32 row): per element, the
-    smaller over ``f`` and ``b`` of ``(|x| bits + 0x7FFF)`` wrapped to int16, which is below
-    ``_TINY_BELOW`` exactly where ``0 < |x| < 2**-31`` (zero maps to the largest key).
+    """Key, int16 in ``work[1]`` (two int16 rows in one float32 row), a row per operand:
+    ``(|x| bits + 0x7FFF)`` wrapped to int16, below ``_TINY_BELOW`` exactly where
+    ``0 < |x| < 2**-31`` (zero maps to the largest key); :func:`_rounded` keeps the smallest
+    of both rows.
 
     # subtle: ``f - b`` of two bf16 values (8-bit significands) needs ``9 + g`` bits, ``g``
     # the gap between their exponents, so ``s = work[0]`` is inexact in float32 only for
