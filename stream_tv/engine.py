@@ -44,6 +44,7 @@ from .io.index import TensorSpec
 from .io.pagecache import available_memory
 from .io.reader import Reader
 from .io.writer import OutTensor
+from .progress import progress_bar
 
 # A stop asked for from outside the engine (the CLI's Ctrl-C handler): the compute loop
 # checks it between chunks and ends the run as a Ctrl-C does, from a safe point.
@@ -206,13 +207,29 @@ def request_stop() -> None:
     _STOP_REQUESTED.set()
 
 
+def stop_requested() -> bool:
+    return _STOP_REQUESTED.is_set()
+
+
+@contextlib.contextmanager
+def streaming() -> Iterator[None]:
+    """Mark this process as streaming (:func:`running`) with no stop asked yet; a run, or
+    the parent of worker processes (stream_tv/workers.py), is inside it."""
+    _STOP_REQUESTED.clear()
+    _RUNNING.set()
+    try:
+        yield
+    finally:
+        _RUNNING.clear()
+
+
 def run(
     tasks: Sequence[Task],
     *,
     device: torch.device,
     chunk_bytes: int,
     sink: Sink | None = None,
-    progress: bool = True,
+    progress: bool | Any = True,
     description: str = "stream-tv",
     on_nonfinite: str = "ignore",
     tune_malloc: bool = True,
@@ -223,41 +240,43 @@ def run(
     ``on_nonfinite``: ``"error"`` raises :class:`NonFiniteError` at the first output chunk
     holding NaN/Inf, ``"warn"`` counts them per tensor in ``RunStats.nonfinite``,
     ``"ignore"`` skips the check. ``drop_behind``: see :class:`~stream_tv.io.reader.Reader`.
+    ``progress``: a bar or not, or an object taking the bar's calls (``update(bytes)``, and
+    ``set_postfix_str`` once per finished task).
     On any error (Ctrl-C becomes :class:`Interrupted`) the
     sink is aborted and the error raised.
     """
     t0 = time.perf_counter()
-    _STOP_REQUESTED.clear()
-    _RUNNING.set()
-    if tune_malloc:
-        _reuse_freed_memory()
-    steps = list(_plan_steps(tasks, chunk_bytes))
-    pipe = _Pipeline(list(tasks), steps, device, sink, drop_behind=drop_behind)
-    bar = _progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
-    try:
-        with _fewer_torch_threads(_SPARE_CORES), contextlib.ExitStack() as sessions:
-            pipe.start()
-            _compute(pipe, sessions, on_nonfinite, bar)
-            pipe.join()
-        if pipe.errors:
-            raise pipe.errors[0]
-        pipe.reader.check_unchanged()  # no input written while it was read: else all is void
-    except BaseException as e:
-        pipe.stop()
-        if sink is not None:
-            sink.abort()
-        if isinstance(e, KeyboardInterrupt):
-            raise Interrupted("interrupted") from e
-        if isinstance(e, _Stop) and pipe.errors:
-            raise pipe.errors[0] from None
-        raise
-    finally:
-        _RUNNING.clear()
-        pipe.reader.close()
-        if bar is not None:
-            bar.close()
-    pipe.stats.seconds = time.perf_counter() - t0
-    return pipe.stats
+    with streaming():
+        if tune_malloc:
+            _reuse_freed_memory()
+        steps = list(_plan_steps(tasks, chunk_bytes))
+        pipe = _Pipeline(list(tasks), steps, device, sink, drop_behind=drop_behind)
+        bar = progress
+        if isinstance(progress, bool):
+            bar = progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
+        try:
+            with _fewer_torch_threads(_SPARE_CORES), contextlib.ExitStack() as sessions:
+                pipe.start()
+                _compute(pipe, sessions, on_nonfinite, bar)
+                pipe.join()
+            if pipe.errors:
+                raise pipe.errors[0]
+            pipe.reader.check_unchanged()  # no input written while it was read: else all is void
+        except BaseException as e:
+            pipe.stop()
+            if sink is not None:
+                sink.abort()
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted("interrupted") from e
+            if isinstance(e, _Stop) and pipe.errors:
+                raise pipe.errors[0] from None
+            raise
+        finally:
+            pipe.reader.close()
+            if bar is not None:
+                bar.close()
+        pipe.stats.seconds = time.perf_counter() - t0
+        return pipe.stats
 
 
 # ---- the stages -------------------------------------------------------------------------
@@ -567,24 +586,6 @@ def _check_finite(name: str, x: torch.Tensor, mode: str, stats: RunStats) -> Non
             "them anyway",
         )
     stats.nonfinite[name] = stats.nonfinite.get(name, 0) + bad
-
-
-def _progress_bar(enabled: bool, total: int, tensors: int, description: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        desc=description,
-        dynamic_ncols=True,
-        leave=False,
-        mininterval=0.25,
-        postfix=f"0/{tensors} tensors",
-    )
 
 
 def bytes_of(t: torch.Tensor) -> memoryview:

@@ -138,6 +138,9 @@ class Job(Generic[R]):
     doubts: list[InputError] = field(default_factory=list)  # refused unless options.force
     description: str | None = None  # progress-bar label (default: the command)
     files: FileOutput | None = None  # files the job writes itself, instead of ``output``
+    # Writes nothing and keeps no state but its tasks' finish() results: on CPU its tasks may
+    # run in worker processes (stream_tv/workers.py, RunOptions.workers).
+    splittable: bool = False
 
     @property
     def inputs(self) -> list[Path]:
@@ -193,6 +196,8 @@ def execute(job: Job[Any], options: RunOptions, *, sink: Sink | None = None) -> 
     elif files is not None:
         stats = _write_files(job, files, options, on_nonfinite, stream, label)
         written = {"output": files.path}
+    elif job.splittable and sink is None:
+        stats = _split(job, options, stream, device, chunk, label, on_nonfinite)
     else:
         stats = stream(
             job.tasks, sink, progress=options.progress, description=label, on_nonfinite=on_nonfinite
@@ -203,6 +208,27 @@ def execute(job: Job[Any], options: RunOptions, *, sink: Sink | None = None) -> 
         seconds=time.perf_counter() - t0,
         device=device,
         **written,
+    )
+
+
+def _split(
+    job: Job[Any], options: RunOptions, stream, device, chunk: int, label: str, on_nonfinite: str
+) -> RunStats:
+    """A splittable job's tasks, in as many worker processes as
+    :func:`stream_tv.workers.worker_count` gives (one: in this process, as any job)."""
+    from . import workers
+
+    count = workers.worker_count(options.workers, job.tasks, chunk, device)
+    if count == 1:
+        return stream(
+            job.tasks, None, progress=options.progress, description=label, on_nonfinite=on_nonfinite
+        )
+    return workers.run_split(
+        job.tasks,
+        count,
+        lambda tasks, bar: stream(tasks, None, progress=bar, on_nonfinite=on_nonfinite),
+        progress=options.progress,
+        description=label,
     )
 
 

@@ -60,8 +60,12 @@ class RunOptions:
     file system lacks the space; ``fsync`` flushes each shard before it is renamed.
     ``page_cache``: ``auto``, ``keep`` or ``drop``: whether pages read from the disk leave
     the page cache once read (:mod:`stream_tv.io.pagecache`; ``auto`` drops when the inputs
-    and output exceed the memory available, or where the host takes free pages back). ``force`` proceeds where our own index says an input is the wrong kind (a merged model
-    given as a task vector, an adapter merged into a model that already holds it).
+    and output exceed the memory available, or where the host takes free pages back).
+    ``workers``: processes a statistics job (compare) runs in on CPU, ``None`` to choose
+    (:func:`stream_tv.workers.worker_count`: on Linux, one per core the memory allows);
+    every figure is the same whatever the count. ``force`` proceeds where our own index
+    says an input is the wrong kind (a merged model given as a task vector, an adapter
+    merged into a model that already holds it).
 
     Process-wide effects of a run, both documented here because they outlive the call:
     the engine lowers torch's intra-op thread count by two for the run (the reader and
@@ -84,6 +88,7 @@ class RunOptions:
     force: bool = False
     tune_malloc: bool = True
     page_cache: str = "auto"
+    workers: int | None = None
     chunk_bytes: int | None = field(init=False, repr=False, compare=False)
     shard_bytes: int = field(init=False, repr=False, compare=False)
 
@@ -100,6 +105,10 @@ class RunOptions:
             raise InputError(
                 f"page_cache {self.page_cache!r} is not one of {', '.join(PAGE_CACHE_CHOICES)}"
             )
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
+            raise InputError(f"workers {self.workers!r} is not a whole number of at least 1")
         chunk = None if self.chunk_size is None else _size(self.chunk_size, "chunk size")
         object.__setattr__(self, "chunk_bytes", chunk)
         object.__setattr__(self, "shard_bytes", _size(self.max_shard_size, "max shard size"))

@@ -38,7 +38,7 @@ from .base import cli, echo_write_result, layout_options, run_options
 @click.option("--worst", default=5, show_default=True, help="Worst tensors listed in the terminal.")
 @click.option("--allow-missing", is_flag=True, help="Skip tensors present in only one model.")
 @layout_options
-@run_options("compare", writes=False)
+@run_options("compare", writes=False, workers=True)
 def compare(
     base: str | None,
     finetuned: str | None,
@@ -56,13 +56,15 @@ def compare(
 
     Per tensor: cosine, max/mean |L - T|, relative error, norms, and how much of the
     difference the finetuned dtype's rounding explains; plus coverage: what the adapter
-    covers, what changed outside it, what changed only by dtype rounding.
+    covers, what changed outside it, what changed only by dtype rounding. On CPU the
+    tensors are shared among worker processes, one per core (--workers).
 
     \b
     Examples:
       stream-tv compare --base ./base --finetuned ./merged --adapter ./lora --json r.json
       stream-tv compare --task-vector ./tv --adapter ./lora --markdown r.md
       stream-tv compare --task-vector ./tv_a --task-vector ./tv_b
+      stream-tv compare --base ./base --finetuned ./merged --adapter ./lora --workers 4
     """
     from ..commands.compare import compare as do_compare
 

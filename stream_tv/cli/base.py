@@ -107,16 +107,34 @@ _FORCE_OPTION = click.option(
 )
 
 
+_WORKERS_OPTION = click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Processes that share the tensors on CPU (each its own core; every figure is the "
+    "same for any N). Default: on Linux, one per core, fewer where memory is short, one "
+    "for inputs under 256 MiB.",
+)
+
+
 def run_options(
-    command: str, *, writes: bool = True, nonfinite: bool = True, force: bool = True
+    command: str,
+    *,
+    writes: bool = True,
+    nonfinite: bool = True,
+    force: bool = True,
+    workers: bool = False,
 ) -> Callable:
     """The options streaming commands share, as one ``options: RunOptions`` argument.
 
     Every command gets ``--device``, ``--chunk-size`` and ``--quiet``; writing commands also
     the output options; ``nonfinite`` adds ``--on-nonfinite`` with ``command``'s default;
-    ``force`` adds ``--force``.
+    ``force`` adds ``--force``; ``workers`` adds ``--workers`` (a splittable job's).
     """
     bundle = list(_READ_OPTIONS) + (list(_WRITE_OPTIONS) if writes else [])
+    if workers:
+        bundle.append(_WORKERS_OPTION)
     if force:
         bundle.append(_FORCE_OPTION)
     if nonfinite:
@@ -144,6 +162,7 @@ def run_options(
             no_space_check: bool = False,
             on_nonfinite: str | None = None,
             force: bool = False,
+            workers: int | None = None,
             **kwargs: Any,
         ) -> Any:
             options = RunOptions(
@@ -158,6 +177,7 @@ def run_options(
                 fsync=fsync,
                 force=force,
                 page_cache=page_cache,
+                workers=workers,
             )
             return fn(*args, options=options, **kwargs)
 

@@ -183,7 +183,8 @@ def plan_compare(
     for tv in tvs:
         doubts += validate.provenance(tv, expected="task vector", given_as="--task-vector")
     given = [c for c in (b, f, *tvs, adapter) if c is not None]
-    return Job("compare", [_task(s) for s in sources], result, sources=given, doubts=doubts)
+    tasks = [_task(s) for s in sources]
+    return Job("compare", tasks, result, sources=given, doubts=doubts, splittable=True)
 
 
 def _check_inputs(b, f, adapter, tvs) -> None:
