@@ -140,9 +140,13 @@ def run_split(
     """
     groups = groups_of(tasks, workers * GROUPS_PER_WORKER)
     ctx = multiprocessing.get_context("fork")
-    taken = ctx.Value("l", 0)  # the next group to take (its lock orders the workers)
-    done = [ctx.Value("q", 0, lock=False) for _ in range(workers)]  # bytes read, per worker
-    finished = [ctx.Value("l", 0, lock=False) for _ in range(workers)]  # tasks, per worker
+    try:
+        taken = ctx.Value("l", 0)  # the next group to take (its lock orders the workers)
+        done = [ctx.Value("q", 0, lock=False) for _ in range(workers)]  # bytes, per worker
+        finished = [ctx.Value("l", 0, lock=False) for _ in range(workers)]  # tasks, per worker
+    except OSError:  # no shared memory or semaphores here (a container without /dev/shm)
+        bar = progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
+        return run_group(tasks, bar)  # in this process, as without workers
     procs, conns = [], []
     for i in range(workers):
         receive, send = ctx.Pipe(duplex=False)

@@ -5,6 +5,7 @@ and the worker count chosen only where a split is safe."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -163,3 +164,13 @@ def test_the_cli_takes_workers_and_prints_the_same_report(built, tmp_path):
     runs = [CliRunner().invoke(cli, [*args, "--workers", n]) for n in ("1", "2")]
     assert [r.exit_code for r in runs] == [0, 0], runs[1].output
     assert runs[0].output == runs[1].output
+
+
+def test_without_shared_memory_the_job_runs_in_this_process(built, monkeypatch):
+    one = run(built, 1)
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(38, "Function not implemented")  # what a missing /dev/shm gives
+
+    monkeypatch.setattr(type(multiprocessing.get_context("fork")), "Value", refuse)
+    assert figures(run(built, 2)) == figures(one)
