@@ -88,6 +88,13 @@ class Interrupted(StreamTVError):
     exit_code = EXIT_INTERRUPTED
 
 
+class WorkerError(StreamTVError):
+    """A worker process (``--workers``) ended without a result: killed for memory, or by a
+    signal."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class InternalError(AssertionError):
     """An invariant of stream_tv itself does not hold: a bug, never the user's input.
 

@@ -44,11 +44,18 @@ import torch
 
 from . import engine
 from .engine import RunStats, Task
-from .errors import EXIT_INTERRUPTED, InputError, Interrupted, StreamTVError
+from .errors import EXIT_INTERRUPTED, InputError, Interrupted, WorkerError
 from .io.pagecache import available_memory
 from .progress import progress_bar
 
-__all__ = ["GROUPS_PER_WORKER", "MIN_SPLIT_BYTES", "WorkerError", "run_split", "worker_count"]
+__all__ = [
+    "GROUPS_PER_WORKER",
+    "MIN_SPLIT_BYTES",
+    "WorkerError",
+    "groups_of",
+    "run_split",
+    "worker_count",
+]
 
 #: Below this many input bytes a job runs in one process (a fork, an engine start per
 #: group and the merge of the results cost more than a second core saves).
@@ -57,12 +64,6 @@ MIN_SPLIT_BYTES = 256 * 2**20
 GROUPS_PER_WORKER = 4
 #: Memory a worker may hold, in chunk budgets (three slots, temporaries, its share of torch).
 _CHUNKS_PER_WORKER = 8
-
-
-class WorkerError(StreamTVError):
-    """A worker process ended without a result (killed: out of memory, or by a signal)."""
-
-    exit_code = 1
 
 
 def worker_count(
