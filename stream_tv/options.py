@@ -62,7 +62,8 @@ class RunOptions:
     the page cache once read (:mod:`stream_tv.io.pagecache`; ``auto`` drops when the inputs
     and output exceed the memory available, or where the host takes free pages back).
     ``workers``: processes a statistics job (compare) runs in on CPU, ``None`` to choose
-    (:func:`stream_tv.workers.worker_count`: on Linux, one per core the memory allows);
+    (:func:`stream_tv.workers.worker_count`: on Linux, one per core the memory allows; one
+    while other threads run in this process);
     every figure is the same whatever the count. ``force`` proceeds where our own index
     says an input is the wrong kind (a merged model given as a task vector, an adapter
     merged into a model that already holds it).
