@@ -162,10 +162,12 @@ def run_split(
     try:
         with engine.streaming():
             _gather(procs, conns, merged, bar, done, finished, len(tasks))
-    except BaseException:
+    except BaseException as e:
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
+        if isinstance(e, KeyboardInterrupt):  # no Ctrl-C handler here (a library call)
+            raise Interrupted("interrupted") from e
         raise
     finally:
         for proc in procs:

@@ -174,3 +174,18 @@ def test_without_shared_memory_the_job_runs_in_this_process(built, monkeypatch):
 
     monkeypatch.setattr(type(multiprocessing.get_context("fork")), "Value", refuse)
     assert figures(run(built, 2)) == figures(one)
+
+
+def test_a_keyboard_interrupt_in_the_parent_ends_as_interrupted():
+    # A library call has no Ctrl-C handler: SIGINT raises KeyboardInterrupt while waiting.
+    tasks = [engine.Task(f"t{i}", [], lambda c: None) for i in range(4)]
+    before = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Interrupted):
+            workers.run_split(tasks, 2, _sleeping_group, progress=False, description="x")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    assert time.monotonic() - t0 < 10
