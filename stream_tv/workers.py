@@ -17,7 +17,8 @@ at full speed on its own core.
 - The parent draws the progress bar from counters the workers add to, and merges their
   :class:`~stream_tv.engine.RunStats`.
 - The first error a worker reports is raised here, as it was raised there; the other
-  workers are then stopped. Ctrl-C stops every worker (each ends at its next chunk).
+  workers are then killed (they write nothing). Ctrl-C, or a stop request, ends the run
+  the same way, as interrupted.
 
 Workers come from ``fork()``: the tasks (closures over the plan) need no pickling and no
 import is repeated. So the split is Linux-only by default, and never taken while other
@@ -78,21 +79,22 @@ def worker_count(
     one per task). On a GPU, or with other threads running, always one."""
     if device.type != "cpu" or len(tasks) < 2:
         return 1
-    if requested is not None:
+    if requested is not None:  # taken as given, at most one per task
         if requested > 1 and not hasattr(os, "fork"):
             raise InputError(
                 f"--workers {requested} needs fork(), which this platform lacks",
                 hint="use --workers 1",
             )
-        return max(1, min(requested, len(tasks))) if _forkable() else 1
-    if not sys.platform.startswith("linux") or not _forkable():
+        count = max(1, min(requested, len(tasks)))
+    elif (
+        not sys.platform.startswith("linux") or sum(t.input_bytes for t in tasks) < MIN_SPLIT_BYTES
+    ):
         return 1
-    if sum(t.input_bytes for t in tasks) < MIN_SPLIT_BYTES:
-        return 1
-    cores = len(os.sched_getaffinity(0))
-    available = available_memory()
-    by_memory = available // (_CHUNKS_PER_WORKER * chunk_bytes) if available else 1
-    return max(1, min(cores, by_memory, len(tasks)))
+    else:
+        available = available_memory()
+        by_memory = available // (_CHUNKS_PER_WORKER * chunk_bytes) if available else 1
+        count = max(1, min(len(os.sched_getaffinity(0)), by_memory, len(tasks)))
+    return count if count == 1 or _forkable() else 1
 
 
 def _forkable() -> bool:
@@ -140,14 +142,14 @@ def run_split(
     ``progress=bar`` (an object the engine reports each chunk to).
     """
     groups = groups_of(tasks, workers * GROUPS_PER_WORKER)
+    total = sum(t.input_bytes for t in tasks)
     ctx = multiprocessing.get_context("fork")
     try:
         taken = ctx.Value("l", 0)  # the next group to take (its lock orders the workers)
         done = [ctx.Value("q", 0, lock=False) for _ in range(workers)]  # bytes, per worker
         finished = [ctx.Value("l", 0, lock=False) for _ in range(workers)]  # tasks, per worker
     except OSError:  # no shared memory or semaphores here (a container without /dev/shm)
-        bar = progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
-        return run_group(tasks, bar)  # in this process, as without workers
+        return run_group(tasks, progress_bar(progress, total, len(tasks), description))
     procs, conns = [], []
     for i in range(workers):
         receive, send = ctx.Pipe(duplex=False)
@@ -157,7 +159,7 @@ def run_split(
         send.close()
         procs.append(proc)
         conns.append(receive)
-    bar = progress_bar(progress, sum(t.input_bytes for t in tasks), len(tasks), description)
+    bar = progress_bar(progress, total, len(tasks), description)  # after the forks: a thread
     merged = RunStats()
     try:
         with engine.streaming():
@@ -237,8 +239,7 @@ def _worker(groups, taken, done, finished, run_group, send) -> None:
     """A worker's life: take groups until none is left, then send the merged statistics
     (or the first error) up the pipe."""
     # Ctrl-C reaches the whole process group: the engine's handler (inherited) stops at
-    # the next chunk. A signal to the parent alone ends here with SIGTERM or SIGKILL.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # the next chunk, and the parent, stopping too, kills what is left.
     torch.set_num_threads(1)
     stats = RunStats()
     try:
