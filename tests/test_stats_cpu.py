@@ -7,10 +7,20 @@ import math
 import pytest
 import torch
 
-from stream_tv.stats import TensorAccumulator
+from stream_tv.stats import TensorAccumulator, fused
 from stream_tv.stats import accumulator as accumulator_module
+from stream_tv.stats import cpu as cpu_module
 
 F64 = torch.float64
+
+
+@pytest.fixture(params=["torch", "numba"])
+def kernels(request, monkeypatch):
+    """The CPU path with its torch blocks, and with the compiled ones (where numba is)."""
+    if request.param == "numba" and not fused.available():
+        pytest.skip(fused.reason())
+    monkeypatch.setattr(cpu_module, "FUSED", request.param == "numba")
+    return request.param
 
 
 def feed(monkeypatch, cpu_path: bool, chunks, **kw):
@@ -48,7 +58,7 @@ def chunks_of(rows, *tensors, step=97):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, F64])
 @pytest.mark.parametrize("given_tv", [True, False])
-def test_lora_figures_agree(monkeypatch, dtype, given_tv):
+def test_lora_figures_agree(monkeypatch, kernels, dtype, given_tv):
     w, f, lo, merged = lora_case(dtype)
     parts = []
     for wc, fc, lc, mc in chunks_of(w.shape[0], w, f, lo, merged):
@@ -61,7 +71,7 @@ def test_lora_figures_agree(monkeypatch, dtype, given_tv):
 
 
 @pytest.mark.parametrize("extreme", ["tiny", "huge", "nan", "inf", "zero"])
-def test_lora_figures_agree_at_the_extremes(monkeypatch, extreme):
+def test_lora_figures_agree_at_the_extremes(monkeypatch, kernels, extreme):
     w, f, lo, merged = lora_case(F64, rows=64, cols=300)
     if extreme == "tiny":
         w, f, lo, merged = (x * 1e-300 for x in (w, f, lo, merged))
@@ -78,6 +88,29 @@ def test_lora_figures_agree_at_the_extremes(monkeypatch, extreme):
     parts = [
         {"tv": fc - wc, "lora": lc, "finetuned": fc, "base": wc, "merged": mc}
         for wc, fc, lc, mc in chunks_of(64, w, f, lo, merged, step=20)
+    ]
+    assert_same(feed(monkeypatch, True, parts, **kw), feed(monkeypatch, False, parts, **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("extreme", ["tiny-lora", "nan", "inf", "zero"])
+def test_narrow_figures_agree_at_the_extremes(monkeypatch, kernels, dtype, extreme):
+    # the dtypes the compiled blocks take: each extreme sends its chunk's block the torch
+    # way (a sum outside the safe range, a NaN, an infinity, a zero sum); the others stay.
+    w, f, lo, merged = lora_case(dtype, rows=60, cols=300)
+    if extreme == "tiny-lora":
+        lo[:20] *= 1e-200
+    elif extreme == "nan":
+        lo[3, 5] = math.nan
+    elif extreme == "inf":
+        f[7, 2] = math.inf
+    else:
+        lo[:20].zero_()
+        f[:20] = w[:20]
+    kw = {"numel": w.numel(), "has_lora": True, "finetuned_dtype": dtype, "base_dtype": dtype}
+    parts = [
+        {"tv": None, "lora": lc, "finetuned": fc, "base": wc, "merged": mc}
+        for wc, fc, lc, mc in chunks_of(60, w, f, lo, merged, step=20)
     ]
     assert_same(feed(monkeypatch, True, parts, **kw), feed(monkeypatch, False, parts, **kw))
 

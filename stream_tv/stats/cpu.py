@@ -24,11 +24,14 @@ from stream_tv.bits import equal
 from stream_tv.floats import (
     BITS_OF,
     EMPTY_EXPONENT,
+    half_ulp,
     max_half_ulp,
     scaled_dots,
     ulp_counts,
 )
 from stream_tv.ops import round_to
+
+from . import fused
 
 __all__ = ["BLOCK", "lora_figures", "plain_figures"]
 
@@ -36,6 +39,10 @@ __all__ = ["BLOCK", "lora_figures", "plain_figures"]
 BLOCK = 1 << 17
 #: Plain float64 sums of squares in this range lost nothing (see ``floats._SAFE``).
 _SAFE = (2.0**-900, 2.0**900)
+
+#: CPU chunks of LoRA tensors take the compiled kernels of :mod:`stream_tv.stats.fused`
+#: when numba is there; False keeps them on torch (the tests compare the two).
+FUSED = True
 
 Figures = dict[str, Any]
 
@@ -49,49 +56,27 @@ def lora_figures(
 ) -> Figures:
     """The chunk's figures of a tensor with a LoRA delta (flat float64 ``t``, ``lo``; raw
     ``f``, ``w``, ``merged`` or None), keyed like the accumulator's state. ``t=None``: ``T``
-    is ``f - w``, exactly, in float64 (``f`` and ``w`` given)."""
+    is ``f - w``, exactly, in float64 (``f`` and ``w`` given).
+
+    With numba (:mod:`stream_tv.stats.fused`) the blocks take one compiled pass each; a
+    block whose plain sums left the safe range, or that holds a non-finite element, is done
+    again here, the torch way."""
     sums = _Sums()
     n = lo.numel()
     # float64 scratch rows: L - T, W + L, its rounding error, T
     scratch = torch.empty((4 if w is not None else 1, min(n, BLOCK)), dtype=torch.float64)
-    for a in range(0, n, BLOCK):
+    fast = _fused_blocks(t, lo, f, w)
+    for i, a in enumerate(range(0, n, BLOCK)):
         b = min(a + BLOCK, n)
-        d_buf, *more = scratch[:, : b - a]
-        lb = lo[a:b]
-        if w is not None:
-            x_buf, e_buf, t_buf = more
-            # (copy, then add or subtract: a kernel of mixed dtypes costs twice as much)
-            x = x_buf.copy_(w[a:b])
-            tb = t[a:b] if t is not None else t_buf.copy_(f[a:b]).sub_(x)
-            x.add_(lb)  # W + L in float64
-        else:
-            tb = t[a:b]
-        d = torch.sub(lb, tb, out=d_buf)
-        figs = [torch.dot(tb, tb), torch.dot(lb, lb), torch.dot(lb, tb), torch.dot(d, d)]
-        d.abs_()
-        figs += [d.max(), d.sum()]
-        if w is not None:
-            rounded = round_to(x, f.dtype)  # correctly rounded, not via float32
-            e = e_buf.copy_(rounded).sub_(x)  # each element's rounding error
-            figs.append(torch.dot(e, e))
-            counts = torch.stack(ulp_counts(f[a:b], rounded)).tolist()
-        v = torch.stack(figs).tolist()
-        tt, ll, lt = _pairs3(v[0], v[1], v[2], tb, lb)
-        sums.add_pair("_sum_tt", tt)
-        sums.add_pair("_sum_ll", ll)
-        sums.add_pair("_dot", lt)
-        sums.add_pair("_sum_dd", _pair(v[3], d))
-        sums.add("_changed", tt[0] != 0)  # T has a nonzero (or NaN) element
-        sums.add("_max_abs", v[4])
-        sums.add("_sum_abs", v[5])
-        sums.add("_nonfinite", 0 if math.isfinite(v[4]) else _nonfinite(tb, lb))
-        if w is not None:
-            sums.add_pair("_sum_ee", _pair(v[6], e))
-            sums.add("_ulp0", counts[0])
-            sums.add("_ulp1", counts[1])
-            sums.add("_ulp_max", counts[2])
+        if fast is None or not _fold_fused(sums, fast, i, w is not None):
+            _lora_block(sums, scratch, t, lo, f, w, a, b)
     if f is not None:
-        sums.add("_max_bound", float(max_half_ulp(f)))
+        if fast is not None and w is not None:  # the largest magnitude of F, as its bits
+            top = int(fast[1][:, 3].max())
+            bits = torch.tensor([top], dtype=torch.int64).to(BITS_OF[f.dtype])
+            sums.add("_max_bound", float(half_ulp(bits.view(f.dtype))[0]))
+        else:
+            sums.add("_max_bound", float(max_half_ulp(f)))
     if merged is not None:
         cast = merged.to(f.dtype)
         if equal(f, cast):  # the usual case, F is our merge: one memcmp, no count
@@ -101,6 +86,81 @@ def lora_figures(
             differ = torch.count_nonzero(torch.bitwise_xor(f.view(bits), cast.view(bits)))
             sums.add("_exact", n - int(differ))
     return sums.totals
+
+
+def _fused_blocks(t, lo, f, w):
+    """The compiled per-block figures, or None where this chunk goes the torch way."""
+    if not FUSED or not fused.available() or lo.numel() == 0:
+        return None
+    if w is not None:
+        if f.dtype not in fused.DTYPES or w.dtype not in fused.DTYPES:
+            return None
+        return fused.lora_blocks(lo, f, w, t, BLOCK)
+    return (fused.sum_blocks(t, lo, BLOCK), None)
+
+
+def _fold_fused(sums: _Sums, fast, i: int, rounding: bool) -> bool:
+    """Add block ``i``'s compiled figures; False (nothing added) where the block needs the
+    torch way: a plain sum outside the safe range, or a non-finite element."""
+    v = fast[0][i].tolist()
+    tt, ll, lt, dd, total, worst = v[:6]
+    ee = v[6] if rounding else _SAFE[0]
+    # the torch way's rule (_pairs3, _pair): plain sums only inside the safe range
+    if not (all(_SAFE[0] <= x <= _SAFE[1] for x in (tt, ll, dd, ee)) and math.isfinite(worst)):
+        return False
+    sums.add_pair("_sum_tt", [tt, 0.0])
+    sums.add_pair("_sum_ll", [ll, 0.0])
+    sums.add_pair("_dot", [lt, 0.0])
+    sums.add_pair("_sum_dd", [dd, 0.0])
+    sums.add("_changed", tt != 0)
+    sums.add("_max_abs", worst)
+    sums.add("_sum_abs", total)
+    sums.add("_nonfinite", 0)
+    if rounding:
+        zero, one, top = fast[1][i, :3].tolist()
+        sums.add_pair("_sum_ee", [ee, 0.0])
+        sums.add("_ulp0", zero)
+        sums.add("_ulp1", one)
+        sums.add("_ulp_max", top)
+    return True
+
+
+def _lora_block(sums: _Sums, scratch, t, lo, f, w, a: int, b: int) -> None:
+    """The figures of elements ``a:b``, the torch way (a few calls per figure)."""
+    d_buf, *more = scratch[:, : b - a]
+    lb = lo[a:b]
+    if w is not None:
+        x_buf, e_buf, t_buf = more
+        # (copy, then add or subtract: a kernel of mixed dtypes costs twice as much)
+        x = x_buf.copy_(w[a:b])
+        tb = t[a:b] if t is not None else t_buf.copy_(f[a:b]).sub_(x)
+        x.add_(lb)  # W + L in float64
+    else:
+        tb = t[a:b]
+    d = torch.sub(lb, tb, out=d_buf)
+    figs = [torch.dot(tb, tb), torch.dot(lb, lb), torch.dot(lb, tb), torch.dot(d, d)]
+    d.abs_()
+    figs += [d.max(), d.sum()]
+    if w is not None:
+        rounded = round_to(x, f.dtype)  # correctly rounded, not via float32
+        e = e_buf.copy_(rounded).sub_(x)  # each element's rounding error
+        figs.append(torch.dot(e, e))
+        counts = torch.stack(ulp_counts(f[a:b], rounded)).tolist()
+    v = torch.stack(figs).tolist()
+    tt, ll, lt = _pairs3(v[0], v[1], v[2], tb, lb)
+    sums.add_pair("_sum_tt", tt)
+    sums.add_pair("_sum_ll", ll)
+    sums.add_pair("_dot", lt)
+    sums.add_pair("_sum_dd", _pair(v[3], d))
+    sums.add("_changed", tt[0] != 0)  # T has a nonzero (or NaN) element
+    sums.add("_max_abs", v[4])
+    sums.add("_sum_abs", v[5])
+    sums.add("_nonfinite", 0 if math.isfinite(v[4]) else _nonfinite(tb, lb))
+    if w is not None:
+        sums.add_pair("_sum_ee", _pair(v[6], e))
+        sums.add("_ulp0", counts[0])
+        sums.add("_ulp1", counts[1])
+        sums.add("_ulp_max", counts[2])
 
 
 def plain_figures(t: torch.Tensor, f: torch.Tensor | None, w: torch.Tensor | None) -> Figures:
