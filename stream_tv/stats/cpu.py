@@ -63,12 +63,14 @@ def lora_figures(
     again here, the torch way."""
     sums = _Sums()
     n = lo.numel()
-    # float64 scratch rows: L - T, W + L, its rounding error, T
-    scratch = torch.empty((4 if w is not None else 1, min(n, BLOCK)), dtype=torch.float64)
+    scratch = None
     fast = _fused_blocks(t, lo, f, w)
     for i, a in enumerate(range(0, n, BLOCK)):
         b = min(a + BLOCK, n)
         if fast is None or not _fold_fused(sums, fast, i, w is not None):
+            if scratch is None:  # float64 rows: L - T, W + L, its rounding error, T
+                rows = 4 if w is not None else 1
+                scratch = torch.empty((rows, min(n, BLOCK)), dtype=torch.float64)
             _lora_block(sums, scratch, t, lo, f, w, a, b)
     if f is not None:
         if fast is not None and w is not None:  # the largest magnitude of F, as its bits
