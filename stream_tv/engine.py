@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import memory
 from .errors import InputError, Interrupted, NonFiniteError, invariant
 from .io.index import TensorSpec
 from .io.pagecache import available_memory
@@ -248,7 +249,7 @@ def run(
     t0 = time.perf_counter()
     with streaming():
         if tune_malloc:
-            _reuse_freed_memory()
+            memory.reuse_freed_memory()
         steps = list(_plan_steps(tasks, chunk_bytes))
         pipe = _Pipeline(list(tasks), steps, device, sink, drop_behind=drop_behind)
         bar = progress
@@ -257,8 +258,11 @@ def run(
         try:
             with _fewer_torch_threads(_SPARE_CORES), contextlib.ExitStack() as sessions:
                 pipe.start()
-                _compute(pipe, sessions, on_nonfinite, bar)
+                with memory.scratch_space():
+                    _compute(pipe, sessions, on_nonfinite, bar)
                 pipe.join()
+            while not pipe.errors and not pipe.free.empty():  # all back: the next run's
+                memory.keep_slot(pipe.free.get())
             if pipe.errors:
                 raise pipe.errors[0]
             pipe.reader.check_unchanged()  # no input written while it was read: else all is void
@@ -331,7 +335,7 @@ class _Pipeline:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.free: queue.Queue[_Slot] = queue.Queue()
         for _ in range(_SLOTS):
-            self.free.put(_Slot(pinned=self.cuda))
+            self.free.put(memory.kept_slot(self.cuda) or _Slot(pinned=self.cuda))
         self.ready: queue.Queue = queue.Queue(maxsize=1)
         self.to_write: queue.Queue = queue.Queue(maxsize=1)
         self.stopping = threading.Event()
@@ -509,33 +513,6 @@ def _fewer_torch_threads(spare: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-_MALLOC_TUNED = False
-
-
-def _reuse_freed_memory() -> None:
-    """Let glibc keep and reuse the memory of freed chunk temporaries (once per process).
-
-    # subtle: glibc serves allocations above a dynamic threshold (at most 32 MiB) with fresh
-    # mmap()s and unmaps them on free, so every chunk's float32 temporaries (a LoRA delta,
-    # an upcast weight) would fault in new zeroed pages: ~0.5 s per GB here, a third of a
-    # merge. With the threshold raised and trimming off, the same few blocks are reused;
-    # the heap stays at the size of one chunk's temporaries. Process-wide and not undoable
-    # (glibc has no call to return to dynamic thresholds): RunOptions.tune_malloc says so.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 def _chunk_shape(shape: tuple[int, ...], rows: int) -> tuple[int, ...]:

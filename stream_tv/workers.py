@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from . import engine
+from . import engine, memory
 from .engine import RunStats, Task
 from .errors import EXIT_INTERRUPTED, InputError, Interrupted, WorkerError
 from .io.pagecache import available_memory
@@ -244,13 +244,14 @@ def _worker(groups, taken, done, finished, run_group, send) -> None:
     stats = RunStats()
     try:
         counters = _Counters(done, finished)
-        while True:
-            with taken.get_lock():
-                index = taken.value
-                taken.value += 1
-            if index >= len(groups):
-                break
-            _merge(stats, run_group(groups[index], counters))
+        with memory.keeping_slots():  # each group's run takes the previous one's buffers
+            while True:
+                with taken.get_lock():
+                    index = taken.value
+                    taken.value += 1
+                if index >= len(groups):
+                    break
+                _merge(stats, run_group(groups[index], counters))
         message = ("stats", stats)
     except BaseException as e:  # noqa: BLE001 - every error goes to the parent, as raised
         message = ("error", _portable(e))

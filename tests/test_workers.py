@@ -183,3 +183,23 @@ def test_without_shared_memory_the_job_runs_in_this_process(built, monkeypatch):
 
     monkeypatch.setattr(type(multiprocessing.get_context("fork")), "Value", refuse)
     assert figures(run(built, 2)) == figures(one)
+
+
+def test_scratch_products_are_the_fresh_products_bit_for_bit():
+    from stream_tv import memory
+    from stream_tv.lora import delta as D
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 300, generator=g, dtype=torch.float64)
+    B = torch.randn(700, 16, generator=g, dtype=torch.float64)
+    assert memory.scratch("k", (2, 2), torch.float64, "cpu") is None  # outside a space
+    with memory.scratch_space():
+        for start, stop in [(0, 700), (5, 77), (64, 65), (600, 700)]:
+            kept = D.product_rows(B, A, start, stop, scratch="k")
+            fresh = D.product_rows(B, A, start, stop)
+            assert torch.equal(kept, fresh) and kept.data_ptr() != fresh.data_ptr()
+        # one key, one buffer: the next use writes over the last one's memory
+        first = memory.scratch("k", (3, 4), torch.float64, "cpu")
+        second = memory.scratch("k", (2, 4), torch.float64, "cpu")
+        other = memory.scratch("j", (2, 4), torch.float64, "cpu")
+        assert first.data_ptr() == second.data_ptr() != other.data_ptr()

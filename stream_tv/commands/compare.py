@@ -318,7 +318,9 @@ def _task(src: _Source) -> engine.Task:
         if src.other_tv is not None:
             lora = x[src.other_tv].to(torch.float64)
         elif rt is not None:
-            lora = rt.delta_rows(chunk.start, chunk.stop, w_rows=base_rows, dtype=torch.float64)
+            lora = rt.delta_rows(
+                chunk.start, chunk.stop, w_rows=base_rows, dtype=torch.float64, scratch="compare"
+            )
             if src.replacement is not None and base_rows is not None:
                 lora = lora + (x[src.replacement].double() - base_rows.double())
             if src.finetuned is not None and base_rows is not None:

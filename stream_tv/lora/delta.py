@@ -47,8 +47,12 @@ For a float64 weight PEFT keeps the factors in float64 and every product is floa
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 import torch.nn.functional as F
+
+from .. import memory
 
 WINDOW_ALIGN = 64
 WINDOW_MIN_ROWS = 256
@@ -76,8 +80,13 @@ def window(start: int, stop: int, total: int) -> tuple[int, int]:
     return lo, hi
 
 
-def product_rows(B: torch.Tensor, A: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def product_rows(
+    B: torch.Tensor, A: torch.Tensor, start: int, stop: int, *, scratch: Hashable | None = None
+) -> torch.Tensor:
     """Rows ``[start, stop)`` of ``B @ A``, bitwise equal to those rows of the full product.
+
+    ``scratch``: a :func:`stream_tv.memory.scratch` key; the product is then written into
+    that kept buffer (valid until the key's next use) instead of fresh memory.
 
     # subtle: a product with one output column is a matrix-vector product, whose kernel
     # (MKL's gemv) gives other bits for a window than for the whole (seen: 1 element of
@@ -86,7 +95,10 @@ def product_rows(B: torch.Tensor, A: torch.Tensor, start: int, stop: int) -> tor
     if A.shape[1] == 1:
         return (B @ A)[start:stop]
     lo, hi = window(start, stop, B.shape[0])
-    return (B[lo:hi] @ A)[start - lo : stop - lo]
+    out = None
+    if scratch is not None:
+        out = memory.scratch(scratch, (hi - lo, A.shape[1]), torch.result_type(B, A), A.device)
+    return torch.matmul(B[lo:hi], A, out=out)[start - lo : stop - lo]
 
 
 def product_cols_t(B: torch.Tensor, A: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -106,8 +118,10 @@ def linear_delta_rows(
     stop: int,
     *,
     fan_in_fan_out: bool = False,
+    scratch: Hashable | None = None,
 ) -> torch.Tensor:
     """Rows of PEFT's ``Linear.get_delta_weight``: ``transpose(B @ A, fan_in_fan_out) * s``.
+    ``scratch``: :func:`product_rows`' (Linear only).
 
     For a Conv1D (``fan_in_fan_out``) a stored row is an input feature, so the rows are
     columns of ``B @ A``. The result is float32 when ``A``/``B`` are, and not contiguous for
@@ -123,7 +137,7 @@ def linear_delta_rows(
     # page faults; the same bits as ``* scaling``)
     if fan_in_fan_out:
         return product_cols_t(B, A, start, stop).mul_(scaling)
-    return product_rows(B, A, start, stop).mul_(scaling)
+    return product_rows(B, A, start, stop, scratch=scratch).mul_(scaling)
 
 
 def embedding_delta_rows(

@@ -40,6 +40,8 @@ class OpenMerge:
         self.work = tm.work_dtype
         self.factors: list[dict[str, torch.Tensor]] = _load_factors(tm.steps, device, self.work)
         self._caches: list[dict[str, torch.Tensor]] = [{} for _ in tm.steps]
+        # (step, dtype) -> factors A, B in a dtype other than the work dtype
+        self._converted: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._acc: D.SquaresAccumulator | None = None
         # steps of a module that a later DoRA step of the same module unmerges
         self._unmerged = [
@@ -53,6 +55,7 @@ class OpenMerge:
     def close(self) -> None:
         self.factors = []
         self._caches = []
+        self._converted = {}
         self._acc = None
 
     # ---- the three entry points -----------------------------------------------------------
@@ -100,7 +103,7 @@ class OpenMerge:
             and not (steps[0].dora or steps[0].replaces_rows)
         ):
             # The common case: one rounding straight into ``out``, no temporary weight.
-            d = self._delta(0, start, stop, self.work)
+            d = self._delta(0, start, stop, self.work, "merge_rows")  # added at once
             add = D.add_rounding_twice if steps[0].rounds_twice else D.add_rounding_once
             return add(x, d, out)
         cur, _ = self.apply_steps(x, start, stop, mode=precision)
@@ -114,8 +117,11 @@ class OpenMerge:
         *,
         w_rows: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
+        scratch: str | None = None,
     ) -> torch.Tensor:
         """The layers' effective delta on rows ``[start, stop)``, unrounded, in ``dtype``.
+        ``scratch``: the caller's name for kept product buffers (:func:`memory.scratch`): the
+        result is then valid until the caller's next call with that name.
 
         ``dtype`` defaults to the work dtype (PEFT's own delta bits); float64 gives a reference
         product. Plain LoRA: ``sum(scaling * B @ A)``; ``w_rows`` is not needed. DoRA and
@@ -132,7 +138,7 @@ class OpenMerge:
                     f"{self.tm.key}: a DoRA or trainable-token delta needs the weight rows (w_rows)"
                 )
             cur = self._source(w_rows).to(dtype)
-        _, total = self.apply_steps(cur, start, stop, mode="delta", dtype=dtype)
+        _, total = self.apply_steps(cur, start, stop, mode="delta", dtype=dtype, scratch=scratch)
         shape = (stop - start, *self.tm.shape[1:])
         if total is None:
             device = w_rows.device if w_rows is not None else self.device
@@ -150,6 +156,7 @@ class OpenMerge:
         mode: str,
         dtype: torch.dtype | None = None,
         upto: int | None = None,
+        scratch: str | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Run the first ``upto`` steps (all by default) on rows ``cur``.
 
@@ -176,7 +183,7 @@ class OpenMerge:
                 d = new - cur if track else None
                 cur = new
             else:
-                d = self._delta(i, start, stop, dtype)
+                d = self._delta(i, start, stop, dtype, scratch)
                 if s.dora:
                     new = self._dora_step(i, s, cur, d, start, stop, exact, before, track, dtype)
                     if track:
@@ -263,10 +270,13 @@ class OpenMerge:
         # parameter kept in float32 loads as float32: cast.
         return w_rows if w_rows.dtype == self.tm.dtype else w_rows.to(self.tm.dtype)
 
-    def _delta(self, i: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    def _delta(
+        self, i: int, start: int, stop: int, dtype: torch.dtype, scratch: str | None = None
+    ) -> torch.Tensor:
         """Rows ``[start, stop)`` of step ``i``'s low-rank delta (with scaling), in ``dtype``.
 
         The work dtype reproduces PEFT's bits; float64 is a reference-quality product.
+        ``scratch``: a Linear's product goes to the kept buffer ``(scratch, i, dtype)``.
         """
         s, t = self.tm.steps[i], self.factors[i]
         scaling = s.scaling
@@ -274,11 +284,15 @@ class OpenMerge:
             return t["bias"][start:stop].to(dtype) * scaling
         A, B = t["A"], t["B"]
         cache = self._caches[i]
-        if dtype != self.work:
-            A, B, cache = A.to(dtype), B.to(dtype), None
+        if dtype != self.work:  # converted once per tensor, not once per chunk
+            key = (i, dtype)
+            if key not in self._converted:
+                self._converted[key] = (A.to(dtype), B.to(dtype))
+            (A, B), cache = self._converted[key], None
         m = s.module
         if m.kind in ("linear", "param"):
-            return D.linear_delta_rows(A, B, scaling, start, stop)
+            kept = None if scratch is None else (scratch, i, dtype)
+            return D.linear_delta_rows(A, B, scaling, start, stop, scratch=kept)
         if m.kind == "conv1d":
             return D.linear_delta_rows(A, B, scaling, start, stop, fan_in_fan_out=True)
         if m.kind == "embedding":
