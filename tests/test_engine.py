@@ -278,3 +278,32 @@ def test_ops_equal_is_bitwise():
     assert not ops.equal(a, torch.tensor([-0.0, float("nan"), 1.0]))  # -0.0 is a change
     assert not ops.equal(a, a.double()) and not ops.equal(a, a[:2])
     assert ops.equal(torch.arange(3), torch.arange(3))
+
+
+def test_runs_inside_keeping_slots_reuse_one_set_of_slots(shard):
+    from stream_tv import memory
+
+    _, specs = shard
+    spec = specs["big"]
+
+    def buffers_of_one_run() -> set[int]:
+        seen: set[int] = set()
+
+        def compute(chunk):
+            seen.add(chunk.inputs[0].untyped_storage().data_ptr())
+
+        engine.run(
+            [engine.Task("big", [spec], compute)], device=CPU, chunk_bytes=64, progress=False
+        )
+        return seen
+
+    with memory.keeping_slots():
+        first = buffers_of_one_run()  # (a slot grown for a larger chunk gets a new buffer)
+        second, third = buffers_of_one_run(), buffers_of_one_run()
+        kept = []
+        while (slot := memory.kept_slot(False)) is not None:
+            kept.append(slot)
+    # each run took the slots the last one left, and handed them back: one set, not three
+    assert len(kept) == engine._SLOTS
+    assert second <= first and third == second <= {s.buffer.data_ptr() for s in kept}
+    assert memory.kept_slot(False) is None  # nothing is kept outside the block
