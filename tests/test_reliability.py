@@ -601,3 +601,21 @@ def test_extract_bytes_match_loaded_tensors(pair, reference, tmp_path):
     base, ft = model_pair()
     for n in base:
         assert torch.equal(tv[n], ft[n].float() - base[n].float()), n
+
+
+def test_the_console_exit_keeps_every_output_and_stdout_whole(pair, reference, tmp_path):
+    """console.main freezes the collector before exiting (a faster exit): the process's
+    outputs are all there, byte for byte, and what it printed reached the pipe in full."""
+    out = tmp_path / "tv"
+    cmd = [sys.executable, "-m", "stream_tv.cli", "extract", *map(str, pair), "-o", str(out)]
+    r = subprocess.run([*cmd, *OPTS], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert files_of(out) == reference
+    r = subprocess.run(
+        [sys.executable, "-m", "stream_tv.cli", "inspect", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["tensors"]) == len(load_tensors(out))
