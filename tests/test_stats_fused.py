@@ -104,3 +104,31 @@ def test_without_numba_the_torch_path_is_taken(monkeypatch):
     f = torch.ones(8, dtype=torch.bfloat16)
     figures = cpu.lora_figures(None, lo, f, torch.full((8,), 0.5, dtype=torch.bfloat16), None)
     assert figures["_ulp0"] == 8 and figures["_max_abs"] == 0.0
+
+
+@pytest.mark.parametrize("f_dtype", DTYPES)
+@pytest.mark.parametrize("w_dtype", DTYPES)
+@pytest.mark.parametrize("given_t", [False, True])
+def test_every_dtype_pair_gives_the_torch_figures(monkeypatch, f_dtype, w_dtype, given_t):
+    # every signature the dispatch can compile (a finetuned model in one dtype over a base
+    # in another), against the torch blocks of the same function
+    from stream_tv.stats import cpu
+
+    g = torch.Generator().manual_seed(2)
+    n = 3 * cpu.BLOCK // 2  # a full block and a partial one
+    w = (torch.randn(n, generator=g) * 0.05).to(w_dtype)
+    lo = torch.randn(n, generator=g, dtype=F64) * 1e-3
+    f = round_to(w.to(F64) + lo, f_dtype)
+    f[::13] = w[::13].to(f_dtype)
+    t = f.to(F64) - w.to(F64) if given_t else None
+    fast = cpu.lora_figures(t, lo, f, w, None)
+    monkeypatch.setattr(cpu, "FUSED", False)
+    slow = cpu.lora_figures(t, lo, f, w, None)
+    assert fast.keys() == slow.keys()
+    for key, value in slow.items():
+        if isinstance(value, list):  # a scaled sum [value, exponent]
+            assert fast[key][1] == value[1] and math.isclose(fast[key][0], value[0], rel_tol=1e-12)
+        elif key == "_sum_abs":  # a plain sum: float64 rounding apart
+            assert math.isclose(fast[key], value, rel_tol=1e-12)
+        else:  # counts, maxima, flags: the same number
+            assert fast[key] == value, key
