@@ -132,3 +132,23 @@ def test_every_dtype_pair_gives_the_torch_figures(monkeypatch, f_dtype, w_dtype,
             assert math.isclose(fast[key], value, rel_tol=1e-12)
         else:  # counts, maxima, flags: the same number
             assert fast[key] == value, key
+
+
+def test_a_kernel_that_does_not_compile_falls_back_with_a_warning(monkeypatch):
+    from numba.core.errors import TypingError
+
+    from stream_tv.stats import cpu
+
+    def broken(*args):
+        raise TypingError("this numba cannot type it")
+
+    kernels = dict(fused._load())
+    kernels["full"] = broken
+    monkeypatch.setattr(fused, "_KERNELS", kernels)
+    monkeypatch.setattr(fused, "_MISSING", None)  # both restored after the test
+    lo = torch.full((8,), 0.5, dtype=F64)
+    f, w = torch.ones(8, dtype=torch.bfloat16), torch.full((8,), 0.5, dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="torch way.*could not compile the 'full' kernel"):
+        figures = cpu.lora_figures(None, lo, f, w, None)
+    assert figures["_ulp0"] == 8 and figures["_max_abs"] == 0.0  # the torch way's figures
+    assert not fused.available() and "this numba cannot type it" in fused.reason()

@@ -98,7 +98,8 @@ def _fused_blocks(t, lo, f, w):
         if f.dtype not in fused.DTYPES or w.dtype not in fused.DTYPES:
             return None
         return fused.lora_blocks(lo, f, w, t, BLOCK)
-    return (fused.sum_blocks(t, lo, BLOCK), None)
+    sums = fused.sum_blocks(t, lo, BLOCK)
+    return None if sums is None else (sums, None)
 
 
 def _fold_fused(sums: _Sums, fast, i: int, rounding: bool) -> bool:

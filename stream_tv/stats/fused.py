@@ -21,6 +21,8 @@ the element functions, which are compiled without it).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -52,31 +54,51 @@ def reason() -> str | None:
 
 def lora_blocks(
     lo: torch.Tensor, f: torch.Tensor, w: torch.Tensor, t: torch.Tensor | None, block: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Per block of ``block`` elements: the float64 figures (:data:`COLUMNS`) and the int64
     counts (elements 0 and 1 ulp from the rounded ``W + L``, the largest distance, the
     largest magnitude bits of ``F``). ``lo``: flat float64; ``f``, ``w``: flat, of
-    :data:`DTYPES`; ``t``: flat float64 ``T``, or None for ``F - W``."""
-    kernels = _load()
-    assert kernels is not None, "lora_blocks without numba: check available() first"
+    :data:`DTYPES`; ``t``: flat float64 ``T``, or None for ``F - W``. None where the kernel
+    did not compile (a warning says why; the caller takes the torch way)."""
     nb = -(-lo.numel() // block)
     sums = np.empty((nb, len(COLUMNS)), dtype=np.float64)
     counts = np.empty((nb, 4), dtype=np.int64)
     fn, wn = _view(f), _view(w)
     if t is None:
-        kernels["full"](lo.numpy(), fn, wn, sums, counts, block)
+        done = _call("full", lo.numpy(), fn, wn, sums, counts, block)
     else:
-        kernels["full_t"](t.numpy(), lo.numpy(), fn, wn, sums, counts, block)
-    return sums, counts
+        done = _call("full_t", t.numpy(), lo.numpy(), fn, wn, sums, counts, block)
+    return (sums, counts) if done else None
 
 
-def sum_blocks(t: torch.Tensor, lo: torch.Tensor, block: int) -> np.ndarray:
-    """Per block: ``tt, ll, lt, dd, sum_abs, max_abs`` of flat float64 ``t`` and ``lo``."""
-    kernels = _load()
-    assert kernels is not None, "sum_blocks without numba: check available() first"
+def sum_blocks(t: torch.Tensor, lo: torch.Tensor, block: int) -> np.ndarray | None:
+    """Per block: ``tt, ll, lt, dd, sum_abs, max_abs`` of flat float64 ``t`` and ``lo`` (None
+    as :func:`lora_blocks`)."""
     sums = np.empty((-(-lo.numel() // block), len(COLUMNS) - 1), dtype=np.float64)
-    kernels["sums"](t.numpy(), lo.numpy(), sums, block)
-    return sums
+    return sums if _call("sums", t.numpy(), lo.numpy(), sums, block) else None
+
+
+def _call(name: str, *args) -> bool:
+    """Run kernel ``name``; False (and the kernels off for this process) if numba could not
+    compile it for these arguments: a numba release this code does not know, say."""
+    global _KERNELS, _MISSING
+    kernels = _load()
+    assert kernels is not None, "a kernel without numba: check available() first"
+    try:
+        kernels[name](*args)
+    except Exception as exc:  # noqa: BLE001 - numba's compile errors have no common base
+        from . import numba_kernels
+
+        if not isinstance(exc, numba_kernels.COMPILE_ERRORS):
+            raise
+        _KERNELS, _MISSING = None, f"numba could not compile the {name!r} kernel ({exc})"
+        warnings.warn(
+            f"compare's statistics take the torch way, 2-3x slower: {_MISSING}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 def _view(x: torch.Tensor) -> np.ndarray:

@@ -12,7 +12,11 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core.errors import NumbaError
 from numba.extending import intrinsic, overload
+
+#: What a kernel that numba cannot compile raises (stream_tv.stats.fused falls back on it).
+COMPILE_ERRORS = (NumbaError,)
 
 #: ulp_distance of a NaN and a number (floats.ULP_UNBOUNDED).
 _UNBOUNDED = np.int64(2**63 - 1)
