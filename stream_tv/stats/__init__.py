@@ -8,7 +8,9 @@ the compare report (see ``stream_tv.report`` for the JSON schema).
 
 Every sum is accumulated in float64 (scaled, so that nothing under- or overflows) and every
 count is exact, so the figures do not depend on the chunking beyond float64 rounding.
-Nothing here reads files or prints.
+On CPU, :mod:`~stream_tv.stats.cpu` computes them with fewer passes than the device path,
+and :mod:`~stream_tv.stats.fused` (with numba) in one compiled pass per block: the same
+counts and maxima, sums to float64 rounding. Nothing here reads files or prints.
 
 >>> import torch
 >>> acc = TensorAccumulator("w", numel=4, has_lora=True,
