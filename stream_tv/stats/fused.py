@@ -38,6 +38,7 @@ DTYPES = {
 }
 
 _KERNELS: dict[str, object] | None = None
+_EMPTY = np.empty(0, dtype=np.float64)  # "no T given" to the kernel
 _MISSING: str | None = None
 
 
@@ -64,10 +65,8 @@ def lora_blocks(
     sums = np.empty((nb, len(COLUMNS)), dtype=np.float64)
     counts = np.empty((nb, 4), dtype=np.int64)
     fn, wn = _view(f), _view(w)
-    if t is None:
-        done = _call("full", lo.numpy(), fn, wn, sums, counts, block)
-    else:
-        done = _call("full_t", t.numpy(), lo.numpy(), fn, wn, sums, counts, block)
+    tv = _EMPTY if t is None else t.numpy()
+    done = _call("full", tv, lo.numpy(), fn, wn, sums, counts, block)
     return (sums, counts) if done else None
 
 

@@ -24,36 +24,23 @@ _MAGNITUDE = np.int64(2**63 - 1)
 _SUMS = {"reassoc", "contract"}
 
 
-@intrinsic
-def _i64_as_f64(typingctx, x):
+def _bitcast(source, target, llvm_target):
+    """An intrinsic reading a scalar's bits as another type of the same width."""
+
     def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.DoubleType())
+        return builder.bitcast(args[0], llvm_target)
 
-    return types.float64(types.int64), codegen
+    def typer(typingctx, x):
+        return target(source), codegen
 
-
-@intrinsic
-def _f64_as_i64(typingctx, x):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(types.float64), codegen
+    typer.__name__ = f"bitcast_{source}_to_{target}"  # one name per intrinsic (numba's cache)
+    return intrinsic(typer)
 
 
-@intrinsic
-def _i32_as_f32(typingctx, x):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@intrinsic
-def _f32_as_i32(typingctx, x):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
+_i64_as_f64 = _bitcast(types.int64, types.float64, ir.DoubleType())
+_f64_as_i64 = _bitcast(types.float64, types.int64, ir.IntType(64))
+_i32_as_f32 = _bitcast(types.int32, types.float32, ir.FloatType())
+_f32_as_i32 = _bitcast(types.float32, types.int32, ir.IntType(32))
 
 
 # -- decoding: an element of F or W as float64 (exact), and its ordered position -------------
@@ -142,24 +129,24 @@ def _position(x):
     return None
 
 
+_FORMATS16 = {
+    types.uint16: (7, 127, 0x7F80, 0x7FC0, _bf16_value),  # bf16
+    types.int16: (10, 15, 0x7C00, 0x7E00, _fp16_value),  # fp16
+}
+
+
 @overload(rounded, inline="never")
 def _rounded(x, proto):
-    if proto == types.uint16:
+    if proto in _FORMATS16:
+        # (significand bits stored, exponent bias, bits of inf, of the quiet NaN, decoder)
+        stored, bias, inf, nan, decode = _FORMATS16[proto]
 
-        def bf16(x, proto):
-            r = _round16(x, 7, 127, 0x7F80, 0x7FC0)
-            pos, nan, _ = _position16(r, 0x7F80)
-            return _bf16_value(r), pos, nan
+        def half(x, proto):
+            r = _round16(x, stored, bias, inf, nan)
+            pos, is_nan, _ = _position16(r, inf)
+            return decode(r), pos, is_nan
 
-        return bf16
-    if proto == types.int16:
-
-        def fp16(x, proto):
-            r = _round16(x, 10, 15, 0x7C00, 0x7E00)
-            pos, nan, _ = _position16(r, 0x7C00)
-            return _fp16_value(r), pos, nan
-
-        return fp16
+        return half
     if proto == types.float32:
 
         def fp32(x, proto):
@@ -205,40 +192,18 @@ def _element(fi, wi, lv):
 
 
 @njit(nogil=True, cache=True, fastmath=_SUMS)
-def _full(lo, f, w, sums, counts, block):
+def _full(tv, lo, f, w, sums, counts, block):
+    """``tv``: ``T``, or empty for ``F - W`` (loop-invariant: LLVM makes two loops of it)."""
     n = lo.size
+    given = tv.size > 0
     for bi in range(sums.shape[0]):
         tt = ll = lt = dd = sa = ee = 0.0
         mx = n0 = n1 = top = fmax = np.int64(0)
         for i in range(bi * block, min(n, bi * block + block)):
             lv = lo[i]
             t, x = _element(f[i], w[i], lv)
-            d = _difference(lv, t)
-            e, dist, mag = _rounding(f[i], x)
-            tt += t * t
-            ll += lv * lv
-            lt += lv * t
-            dd += d * d
-            sa += abs(d)
-            ee += e * e
-            mx = max(mx, _magnitude_bits(d))
-            n0 += dist == 0
-            n1 += dist == 1
-            top = max(top, dist)
-            fmax = max(fmax, mag)
-        _store(sums, counts, bi, tt, ll, lt, dd, sa, mx, ee, n0, n1, top, fmax)
-
-
-@njit(nogil=True, cache=True, fastmath=_SUMS)
-def _full_t(tv, lo, f, w, sums, counts, block):
-    n = lo.size
-    for bi in range(sums.shape[0]):
-        tt = ll = lt = dd = sa = ee = 0.0
-        mx = n0 = n1 = top = fmax = np.int64(0)
-        for i in range(bi * block, min(n, bi * block + block)):
-            lv = lo[i]
-            t = tv[i]
-            _, x = _element(f[i], w[i], lv)
+            if given:
+                t = tv[i]
             d = _difference(lv, t)
             e, dist, mag = _rounding(f[i], x)
             tt += t * t
@@ -271,22 +236,18 @@ def _sums(tv, lo, sums, block):
             dd += d * d
             sa += abs(d)
             mx = max(mx, _magnitude_bits(d))
-        sums[bi, 0] = tt
-        sums[bi, 1] = ll
-        sums[bi, 2] = lt
-        sums[bi, 3] = dd
-        sums[bi, 4] = sa
-        sums[bi, 5] = _i64_as_f64(mx)
+        _store_sums(sums, bi, tt, ll, lt, dd, sa, mx)
+
+
+@njit
+def _store_sums(sums, bi, tt, ll, lt, dd, sa, mx):
+    for j, v in enumerate((tt, ll, lt, dd, sa, _i64_as_f64(mx))):
+        sums[bi, j] = v
 
 
 @njit
 def _store(sums, counts, bi, tt, ll, lt, dd, sa, mx, ee, n0, n1, top, fmax):
-    sums[bi, 0] = tt
-    sums[bi, 1] = ll
-    sums[bi, 2] = lt
-    sums[bi, 3] = dd
-    sums[bi, 4] = sa
-    sums[bi, 5] = _i64_as_f64(mx)
+    _store_sums(sums, bi, tt, ll, lt, dd, sa, mx)
     sums[bi, 6] = ee
     counts[bi, 0] = n0
     counts[bi, 1] = n1
@@ -294,4 +255,4 @@ def _store(sums, counts, bi, tt, ll, lt, dd, sa, mx, ee, n0, n1, top, fmax):
     counts[bi, 3] = fmax
 
 
-KERNELS = {"full": _full, "full_t": _full_t, "sums": _sums}
+KERNELS = {"full": _full, "sums": _sums}
