@@ -307,3 +307,30 @@ def test_runs_inside_keeping_slots_reuse_one_set_of_slots(shard):
     assert len(kept) == engine._SLOTS
     assert second <= first and third == second <= {s.buffer.data_ptr() for s in kept}
     assert memory.kept_slot(False) is None  # nothing is kept outside the block
+
+
+def test_kept_open_opens_once_per_scratch_space_and_closes_at_its_end():
+    from stream_tv import memory
+
+    events = []
+
+    @contextlib.contextmanager
+    def opener():
+        handle = object()
+        events.append(("open", handle))
+        yield handle
+        events.append(("close", handle))
+
+    with memory.kept_open("k", opener) as a:  # outside a space: its own, closed at once
+        assert events == [("open", a)]
+    assert events[-1] == ("close", a)
+    events.clear()
+    with memory.scratch_space():
+        with memory.kept_open("k", opener) as b:
+            pass
+        with memory.kept_open("k", opener) as c:
+            pass
+        with memory.kept_open("other", opener) as d:
+            pass
+        assert b is c and b is not d and [e for e, _ in events] == ["open", "open"]
+    assert sorted(e for e, _ in events) == ["close", "close", "open", "open"]

@@ -17,12 +17,14 @@ the ``with`` block ends. The work dtype is ``tm.work_dtype``: float64 for float6
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from .. import memory
 from . import delta as D
 
 if TYPE_CHECKING:
@@ -319,7 +321,8 @@ def _load_factors(
     for i, s in enumerate(steps):
         by_file.setdefault(s.adapter.weights_file, []).append(i)
     for path, indices in by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        opener = functools.partial(safe_open, str(path), framework="pt", device="cpu")
+        with memory.kept_open(("adapter", str(path)), opener) as f:
             for i in indices:
                 for name, key in steps[i].module.keys.items():
                     factors[i][name] = f.get_tensor(key).to(device=device, dtype=dtype)
