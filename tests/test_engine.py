@@ -4,6 +4,7 @@ propagation, and the per-chunk maths."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -334,3 +335,21 @@ def test_kept_open_opens_once_per_scratch_space_and_closes_at_its_end():
             pass
         assert b is c and b is not d and [e for e, _ in events] == ["open", "open"]
     assert sorted(e for e, _ in events) == ["close", "close", "open", "open"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_nonfinite_check_counts_exactly_when_a_finite_sum_overflows(dtype):
+    # The check's fast path is a sum: finite elements whose sum overflows (here every one
+    # near the dtype's max) must not count, and NaN/Inf among them must, each one.
+    big = torch.finfo(dtype).max / 2
+    x = torch.full((4096,), big, dtype=dtype)
+    assert not bool(torch.isfinite(x.sum()))  # the sum overflows ...
+    stats = engine.RunStats()
+    engine._check_finite("t", x, "warn", stats)
+    assert stats.nonfinite == {}  # ... but nothing is NaN or infinite
+    x[7], x[8], x[9] = math.nan, math.inf, -math.inf
+    engine._check_finite("t", x, "warn", stats)
+    assert stats.nonfinite == {"t": 3}
+    with pytest.raises(NonFiniteError, match="3 NaN/Inf"):
+        engine._check_finite("t", x, "error", stats)
+    engine._check_finite("t", torch.ones(8, dtype=dtype), "error", stats)  # finite: silent
