@@ -96,12 +96,12 @@ _SPACE = threading.local()
 def scratch_space() -> Iterator[None]:
     """This thread's :func:`scratch` buffers and :func:`kept_open` files, kept until the
     block ends (a run's compute); the files are closed then."""
-    _SPACE.buffers, _SPACE.files = {}, contextlib.ExitStack()
+    _SPACE.buffers, _SPACE.opened, _SPACE.files = {}, {}, contextlib.ExitStack()
     try:
         with _SPACE.files:
             yield
     finally:
-        _SPACE.buffers = _SPACE.files = None
+        _SPACE.buffers = _SPACE.opened = _SPACE.files = None
 
 
 @contextlib.contextmanager
@@ -118,10 +118,9 @@ def kept_open(key: Hashable, opener: Any) -> Iterator[Any]:
         with opener() as f:
             yield f
         return
-    opened = _SPACE.buffers.setdefault(("kept_open", key), None)
-    if opened is None:
-        opened = _SPACE.buffers[("kept_open", key)] = files.enter_context(opener())
-    yield opened
+    if key not in _SPACE.opened:
+        _SPACE.opened[key] = files.enter_context(opener())
+    yield _SPACE.opened[key]
 
 
 def scratch(key: Hashable, shape: tuple[int, ...], dtype: Any, device: Any) -> Any | None:

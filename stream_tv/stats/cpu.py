@@ -111,21 +111,29 @@ def _fold_fused(sums: _Sums, fast, i: int, rounding: bool) -> bool:
     # the torch way's rule (_pairs3, _pair): plain sums only inside the safe range
     if not (all(_SAFE[0] <= x <= _SAFE[1] for x in (tt, ll, dd, ee)) and math.isfinite(worst)):
         return False
-    sums.add_pair("_sum_tt", [tt, 0.0])
-    sums.add_pair("_sum_ll", [ll, 0.0])
-    sums.add_pair("_dot", [lt, 0.0])
-    sums.add_pair("_sum_dd", [dd, 0.0])
-    sums.add("_changed", tt != 0)
+    plain = [[x, 0.0] for x in (tt, ll, lt, dd, ee)]
+    rounded = (plain[4], fast[1][i, :3].tolist()) if rounding else None
+    _add_block(sums, *plain[:4], worst, total, 0, rounded)
+    return True
+
+
+def _add_block(sums: _Sums, tt, ll, lt, dd, worst, total, nonfinite, rounded) -> None:
+    """Fold one block's figures into ``sums``: scaled pairs ``tt``, ``ll``, ``lt``, ``dd``;
+    ``rounded``: ``(ee pair, [ulp0, ulp1, ulp_max])``, or None without the base."""
+    sums.add_pair("_sum_tt", tt)
+    sums.add_pair("_sum_ll", ll)
+    sums.add_pair("_dot", lt)
+    sums.add_pair("_sum_dd", dd)
+    sums.add("_changed", tt[0] != 0)  # T has a nonzero (or NaN) element
     sums.add("_max_abs", worst)
     sums.add("_sum_abs", total)
-    sums.add("_nonfinite", 0)
-    if rounding:
-        zero, one, top = fast[1][i, :3].tolist()
-        sums.add_pair("_sum_ee", [ee, 0.0])
+    sums.add("_nonfinite", nonfinite)
+    if rounded is not None:
+        ee, (zero, one, top) = rounded
+        sums.add_pair("_sum_ee", ee)
         sums.add("_ulp0", zero)
         sums.add("_ulp1", one)
         sums.add("_ulp_max", top)
-    return True
 
 
 def _lora_block(sums: _Sums, scratch, t, lo, f, w, a: int, b: int) -> None:
@@ -151,19 +159,9 @@ def _lora_block(sums: _Sums, scratch, t, lo, f, w, a: int, b: int) -> None:
         counts = torch.stack(ulp_counts(f[a:b], rounded)).tolist()
     v = torch.stack(figs).tolist()
     tt, ll, lt = _pairs3(v[0], v[1], v[2], tb, lb)
-    sums.add_pair("_sum_tt", tt)
-    sums.add_pair("_sum_ll", ll)
-    sums.add_pair("_dot", lt)
-    sums.add_pair("_sum_dd", _pair(v[3], d))
-    sums.add("_changed", tt[0] != 0)  # T has a nonzero (or NaN) element
-    sums.add("_max_abs", v[4])
-    sums.add("_sum_abs", v[5])
-    sums.add("_nonfinite", 0 if math.isfinite(v[4]) else _nonfinite(tb, lb))
-    if w is not None:
-        sums.add_pair("_sum_ee", _pair(v[6], e))
-        sums.add("_ulp0", counts[0])
-        sums.add("_ulp1", counts[1])
-        sums.add("_ulp_max", counts[2])
+    nonfinite = 0 if math.isfinite(v[4]) else _nonfinite(tb, lb)
+    rounded = (_pair(v[6], e), counts) if w is not None else None
+    _add_block(sums, tt, ll, lt, _pair(v[3], d), v[4], v[5], nonfinite, rounded)
 
 
 def plain_figures(t: torch.Tensor, f: torch.Tensor | None, w: torch.Tensor | None) -> Figures:

@@ -14,8 +14,8 @@ additions of the sums (the loop keeps several partial sums, as BLAS does), and s
 last bits; every count and every maximum is the same number. Scaled sums are not done
 here: a block whose plain sums left the safe range is done again the torch way.
 
-The module needs numba (``pip install 'stream-tv[fast]'``); :func:`kernels` says whether it
-is there. Only the sums are reassociated (``fastmath`` is on the loop's accumulation, not on
+The module needs numba (``pip install 'stream-tv[fast]'``); :func:`available` says whether
+it is there, and :func:`reason` why not. Only the sums are reassociated (``fastmath`` is on the loop's accumulation, not on
 the element functions, which are compiled without it).
 """
 
@@ -38,8 +38,8 @@ DTYPES = {
 }
 
 _KERNELS: dict[str, object] | None = None
-_EMPTY = np.empty(0, dtype=np.float64)  # "no T given" to the kernel
 _MISSING: str | None = None
+_EMPTY = np.empty(0, dtype=np.float64)  # "no T given" to the kernel
 
 
 def available() -> bool:
@@ -83,13 +83,11 @@ def _call(name: str, *args) -> bool:
     global _KERNELS, _MISSING
     kernels = _load()
     assert kernels is not None, "a kernel without numba: check available() first"
+    from . import numba_kernels  # imported by _load already
+
     try:
         kernels[name](*args)
-    except Exception as exc:  # noqa: BLE001 - numba's compile errors have no common base
-        from . import numba_kernels
-
-        if not isinstance(exc, numba_kernels.COMPILE_ERRORS):
-            raise
+    except numba_kernels.COMPILE_ERRORS as exc:
         _KERNELS, _MISSING = None, f"numba could not compile the {name!r} kernel ({exc})"
         warnings.warn(
             f"compare's statistics take the torch way, 2-3x slower: {_MISSING}",
