@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 
+from . import collector
+
 EXIT_INTERRUPTED = 130  # errors.EXIT_INTERRUPTED, without importing anything yet
 
 _interrupted = False
@@ -53,6 +55,13 @@ def handle_sigint() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI (``stream-tv ...``)."""
+    # subtle: numpy's and scipy's OpenBLAS start one pool thread per core, which spins for a
+    # while before it sleeps; on 2 cores those threads took 2.3% of compare's wall (while
+    # torch imports, and in each worker, where numba loads scipy). stream-tv makes no BLAS
+    # call through numpy or scipy (torch has its own), so the CLI's process starts none; a
+    # value the user set is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    collector.pause_for_startup()
     main_thread = handle_sigint()
     from .cli import cli
 

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import memory
+from . import collector, memory
 from .errors import InputError, Interrupted, NonFiniteError, invariant
 from .io.index import TensorSpec
 from .io.pagecache import available_memory
@@ -215,7 +215,9 @@ def stop_requested() -> bool:
 @contextlib.contextmanager
 def streaming() -> Iterator[None]:
     """Mark this process as streaming (:func:`running`) with no stop asked yet; a run, or
-    the parent of worker processes (stream_tv/workers.py), is inside it."""
+    the parent of worker processes (stream_tv/workers.py), is inside it. The CLI's
+    collector, paused for its start-up, is back on from here (stream_tv/collector.py)."""
+    collector.resume()
     _STOP_REQUESTED.clear()
     _RUNNING.set()
     try:

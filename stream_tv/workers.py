@@ -30,6 +30,7 @@ is not usable in a forked child.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import pickle
@@ -43,7 +44,7 @@ from typing import Any
 
 import torch
 
-from . import engine, memory
+from . import collector, engine, memory
 from .engine import RunStats, Task
 from .errors import EXIT_INTERRUPTED, InputError, Interrupted, WorkerError
 from .io.pagecache import available_memory
@@ -143,6 +144,7 @@ def run_split(
     """
     groups = groups_of(tasks, workers * GROUPS_PER_WORKER)
     total = sum(t.input_bytes for t in tasks)
+    collector.resume()  # before the forks: the workers collect as a run does
     ctx = multiprocessing.get_context("fork")
     try:
         taken = ctx.Value("l", 0)  # the next group to take (its lock orders the workers)
@@ -241,6 +243,11 @@ def _worker(groups, taken, done, finished, run_group, send) -> None:
     # Ctrl-C reaches the whole process group: the engine's handler (inherited) stops at
     # the next chunk, and the parent, stopping too, kills what is left.
     torch.set_num_threads(1)
+    # subtle: the objects inherited from the parent (torch's and every module's) are never
+    # garbage here, yet each full collection walked them all (4% of a compare worker's CPU)
+    # and wrote their reference counts, copying the pages fork() shared. This process is
+    # the job's alone and ends with it: they leave the collector for good.
+    gc.freeze()
     stats = RunStats()
     try:
         counters = _Counters(done, finished)
