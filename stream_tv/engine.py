@@ -191,6 +191,7 @@ class RunStats:
 
     seconds: float = 0.0
     bytes_read: int = 0
+    bytes_mapped: int = 0  # of bytes_read: used in place from the page cache (Reader.map_rows)
     bytes_written: int = 0
     tasks_done: int = 0
     results: dict[str, Any] = field(default_factory=dict)
@@ -343,6 +344,11 @@ class _Pipeline:
         self.stopping = threading.Event()
         self.errors: list[BaseException] = []
         self.reader = Reader(drop_behind=drop_behind)
+        # Resident input rows are used in place (no copy) on CPU; on a GPU they go through
+        # the pinned slots. Dropping behind is unchanged: a chunk is mapped only when all of
+        # it is cached, and what was cached at open is never dropped (io/pagecache.py); pages
+        # that came in since (the kernel's readahead) are dropped when the file is closed.
+        self.map_inputs = not self.cuda
         self.stats = RunStats()
         self.threads = [
             threading.Thread(target=self._guard(self._read_stage), name="stream-tv-reader"),
@@ -401,13 +407,23 @@ class _Pipeline:
             task = self.tasks[step.task_index]
             slot = self.get(self.free)
             rows = step.stop - step.start
-            sizes = [rows * s.row_numel * s.itemsize for s in task.inputs]
+            mapped = [
+                self.reader.map_rows(spec, step.start, step.stop) if self.map_inputs else None
+                for spec in task.inputs
+            ]
+            sizes = [
+                0 if m is not None else rows * s.row_numel * s.itemsize
+                for s, m in zip(task.inputs, mapped, strict=True)
+            ]
             out_size = rows * task.out_row_bytes if step.writes else 0
             bufs = slot.carve([*sizes, out_size])
             tensors = [
-                self.reader.read_into(spec, step.start, step.stop, buf)
-                for spec, buf in zip(task.inputs, bufs[:-1], strict=True)
+                m if m is not None else self.reader.read_into(spec, step.start, step.stop, buf)
+                for spec, m, buf in zip(task.inputs, mapped, bufs[:-1], strict=True)
             ]
+            self.stats.bytes_mapped += sum(
+                m.numel() * m.element_size() for m in mapped if m is not None
+            )
             self.put(self.ready, (step, slot, tensors, bufs[-1]))
         self.put(self.ready, None)
 

@@ -214,6 +214,7 @@ def _gather(procs, conns, merged: RunStats, bar, done, finished, total_tasks: in
 
 def _merge(into: RunStats, part: RunStats) -> None:
     into.bytes_read += part.bytes_read
+    into.bytes_mapped += part.bytes_mapped
     into.bytes_written += part.bytes_written
     into.tasks_done += part.tasks_done
     into.results.update(part.results)

@@ -353,3 +353,32 @@ def test_the_nonfinite_check_counts_exactly_when_a_finite_sum_overflows(dtype):
     with pytest.raises(NonFiniteError, match="3 NaN/Inf"):
         engine._check_finite("t", x, "error", stats)
     engine._check_finite("t", torch.ones(8, dtype=dtype), "error", stats)  # finite: silent
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 30])
+def test_cached_chunks_are_used_in_place_with_the_same_outputs(
+    tmp_path, shard, monkeypatch, chunk_bytes
+):
+    from stream_tv.io import reader
+
+    tensors, specs = shard  # just written: in the page cache
+    monkeypatch.setattr(reader, "MIN_MAP_BYTES", 1)  # map even these small chunks
+    outs = {}
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(reader.Reader, "map_rows", lambda self, *a: None)
+        tasks = copy_tasks(specs, {})
+        plan = OutputPlan.build([t.out for t in tasks], 600)
+        writer = ShardWriter(tmp_path / f"out-{in_place}", plan, plan.fingerprint())
+        writer.begin()
+        stats = engine.run(tasks, device=CPU, chunk_bytes=chunk_bytes, sink=writer, progress=False)
+        writer.finish({})
+        outs[in_place] = load_tensors(tmp_path / f"out-{in_place}")
+        assert stats.bytes_read == sum(s.nbytes for s in specs.values())
+        if in_place:
+            assert 0 < stats.bytes_mapped <= stats.bytes_read
+        else:
+            assert stats.bytes_mapped == 0
+    for name, t in tensors.items():
+        assert torch.equal(outs[True][name], t.float() * 2)
+        assert torch.equal(outs[True][name], outs[False][name])

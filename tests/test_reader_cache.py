@@ -1,11 +1,13 @@
 """The reader and the page cache (io/pagecache.py): with drop-behind, what it read from the
 disk leaves the cache and what was cached before stays; without it nothing is dropped; the
-bytes are right either way; and the policy that decides it, once per run."""
+bytes are right either way; the policy that decides it, once per run; and rows used in place
+from the page cache (Reader.map_rows)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import mmap
 import os
 import sys
@@ -14,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from stream_tv.errors import CorruptCheckpointError
 from stream_tv.io import pagecache
 from stream_tv.io.index import read_header
 from stream_tv.io.reader import Reader
@@ -201,3 +204,92 @@ def test_cgroup_limits_are_read_on_the_whole_path(tmp_path):
     assert pagecache._cgroup_limit(str(tmp_path), str(own)) == 2**30
     own.write_text("0::/\n")
     assert pagecache._cgroup_limit(str(tmp_path), str(own)) is None
+
+
+# ---- rows used in place (Reader.map_rows) ----------------------------------------------
+
+
+def _mappings_of(path: str) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip().endswith(path) for line in f)
+
+
+@linux_only
+def test_resident_rows_are_mapped_in_place_with_the_bytes_a_read_gives(model):
+    path, spec, weights = model
+    _warm(path)
+    with Reader() as r:
+        for start, stop in [(0, 512), (100, 612), (ROWS - 300, ROWS)]:
+            rows = r.map_rows(spec, start, stop)
+            assert rows is not None and rows.shape == (stop - start, COLS)
+            assert torch.equal(rows, weights[start:stop])
+            assert torch.equal(rows, r.read_rows(spec, start, stop))
+
+
+@linux_only
+def test_rows_not_all_in_the_page_cache_are_read_not_mapped(model):
+    path, spec, weights = model
+    _cold(path)
+    _warm(path)
+    half = os.path.getsize(path) // 2 // mmap.PAGESIZE * mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, half, 0, os.POSIX_FADV_DONTNEED)  # the second half evicted
+    os.close(fd)
+    with Reader() as r:
+        assert r.map_rows(spec, 0, ROWS // 4) is not None
+        assert r.map_rows(spec, ROWS // 4, ROWS) is None  # one page out is enough
+        assert r.map_rows(spec, ROWS - 512, ROWS) is None
+    _cold(path)
+    with Reader() as r:
+        assert r.map_rows(spec, 0, ROWS) is None
+
+
+@linux_only
+def test_a_write_to_mapped_rows_never_reaches_the_file(model):
+    path, spec, weights = model
+    _warm(path)
+    before = open(path, "rb").read()
+    with Reader() as r:
+        rows = r.map_rows(spec, 0, 512)
+        rows.add_(1.0)  # in place, as a compute may do with its chunk
+        assert torch.equal(rows, weights[:512] + 1.0)
+        assert torch.equal(r.read_rows(spec, 0, 512), weights[:512])
+    assert open(path, "rb").read() == before
+
+
+@linux_only
+def test_a_mapping_ends_with_the_last_view_of_it(model):
+    path, spec, _ = model
+    _warm(path)
+    with Reader() as r:
+        rows = r.map_rows(spec, 0, 512)
+        half = rows[256:]
+        assert _mappings_of(path) == 1
+        del rows
+        assert _mappings_of(path) == 1  # a view still holds it
+        del half
+        assert _mappings_of(path) == 0
+
+
+def test_small_or_unaligned_ranges_are_read_not_mapped(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    save_file({"a": torch.zeros(3, dtype=torch.uint8), "w": torch.randn(1024, 512)}, path)
+    specs = read_header(path)
+    with Reader() as r:
+        assert r.map_rows(specs["w"], 0, 2) is None  # 4 KiB: below MIN_MAP_BYTES
+    # a float32 tensor at an odd offset cannot be viewed in place
+    w = specs["w"]
+    odd = dataclasses.replace(w, start=w.start + 1, end=w.end + 1)
+    with Reader() as r:
+        assert r.map_rows(odd, 0, 1024) is None
+
+
+@linux_only
+def test_rows_past_the_end_of_a_file_truncated_during_the_run_are_refused(model):
+    path, spec, _ = model
+    _warm(path)
+    with Reader() as r:
+        assert r.map_rows(spec, 0, 512) is not None  # open, checked against its index
+        os.truncate(path, os.path.getsize(path) // 2)
+        with pytest.raises(CorruptCheckpointError, match="truncated after it was indexed"):
+            r.map_rows(spec, ROWS - 512, ROWS)

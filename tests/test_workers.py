@@ -203,3 +203,22 @@ def test_scratch_products_are_the_fresh_products_bit_for_bit():
         second = memory.scratch("k", (2, 4), torch.float64, "cpu")
         other = memory.scratch("j", (2, 4), torch.float64, "cpu")
         assert first.data_ptr() == second.data_ptr() != other.data_ptr()
+
+
+def test_a_compare_of_inputs_used_in_place_reports_the_same_figures(built, monkeypatch):
+    from stream_tv.io import reader
+
+    read = run(built, 2)
+    monkeypatch.setattr(reader, "MIN_MAP_BYTES", 1)  # this tiny model's chunks mapped too
+    original, used = reader.Reader.map_rows, []
+
+    def map_rows(self, spec, start, stop):
+        rows = original(self, spec, start, stop)
+        used.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(reader.Reader, "map_rows", map_rows)
+    mapped = run(built, 1)  # in this process, where the calls can be seen
+    assert sum(used) > len(used) // 2
+    assert figures(mapped) == figures(read)
+    assert figures(run(built, 2)) == figures(read)  # and in workers

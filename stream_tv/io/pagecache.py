@@ -49,6 +49,7 @@ __all__ = [
     "available_memory",
     "drops_behind",
     "host_takes_free_pages",
+    "map_resident",
     "resident_pages",
 ]
 
@@ -190,6 +191,33 @@ def resident_pages(fd: int, size: int) -> np.ndarray | None:
     finally:
         _LIBC.munmap(addr, size)
     return (vec & 1).astype(bool)
+
+
+def map_resident(fd: int, offset: int, length: int) -> mmap.mmap | None:
+    """``length`` bytes of the file open as ``fd`` from ``offset`` (a multiple of
+    ``mmap.ALLOCATIONGRANULARITY``), mapped copy-on-write, when every page of them is in the
+    page cache now; None when one is not, or where it cannot be known or mapped.
+
+    Copy-on-write (``MAP_PRIVATE``): a write to the mapping changes this process's copy of
+    the page, never the file. The mapping ends when the object is freed (or closed).
+    """
+    if _LIBC is None or length <= 0:
+        return None
+    try:
+        m = mmap.mmap(
+            fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
+        )
+    except (OSError, ValueError):  # a filesystem that cannot map, no memory for the mapping
+        return None
+    view = np.frombuffer(m, dtype=np.uint8)
+    vec = np.empty(-(-length // PAGE), dtype=np.uint8)
+    resident = _LIBC.mincore(view.ctypes.data, length, vec.ctypes.data) == 0
+    resident = resident and bool(np.bitwise_and(vec, 1, out=vec).all())
+    del view  # the mapping's only export: it can be closed
+    if not resident:
+        m.close()
+        return None
+    return m
 
 
 class DropBehind:
