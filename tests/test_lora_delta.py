@@ -220,3 +220,42 @@ def test_row_norms_per_chunk_equal_full(dtype):
     full4 = (W4 + 0).norm(p=2, dim=(1, 2, 3), keepdim=True).reshape(-1)
     got4 = torch.cat([D.dora_row_norm(W4[s:e]) for s, e in chunks(16, 5)])
     assert torch.equal(got4, full4)
+
+
+def _wide_factors(rank: int, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 factors over a wide range of magnitudes, subnormals and zeros included."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(*shape):
+        x = torch.randn(*shape, generator=g) * 2.0 ** torch.randint(-140, 120, shape, generator=g)
+        x[torch.rand(*shape, generator=g) < 0.05] = 0.0
+        return x.float()
+
+    return one(rank, cols), one(rows, rank)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0, 0.5, 4.0, 2.0**-10, 2.0**40, -2.0])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_a_power_of_two_folded_into_a_gives_the_scaled_products_bits(scaling, fan_in_fan_out):
+    A, B = _wide_factors(16, 700, 300, seed=int(abs(scaling) * 7) % 1000)
+    A2, B2, s2 = D.scaled_factors(A, B, scaling, torch.float64)
+    assert s2 == 1.0
+    A64, B64 = A.double(), B.double()
+    size = 300 if fan_in_fan_out else 700
+    for start, stop in [(0, size), (0, 1), (65, 283), (size - 7, size)]:
+        folded = D.linear_delta_rows(A2, B2, s2, start, stop, fan_in_fan_out=fan_in_fan_out)
+        scaled = D.linear_delta_rows(A64, B64, scaling, start, stop, fan_in_fan_out=fan_in_fan_out)
+        assert torch.equal(folded.view(torch.int64), scaled.view(torch.int64))
+
+
+@pytest.mark.parametrize(
+    "scaling, dtype, wide",
+    [(16 / 8**0.5, torch.float64, False), (2.0, torch.float32, False), (2.0, torch.float64, True)],
+    ids=["not-a-power-of-two", "float32-product", "float64-factors"],
+)
+def test_the_scaling_stays_on_the_product_where_folding_could_change_a_bit(scaling, dtype, wide):
+    A, B = torch.ones(2, 3), torch.ones(4, 2)
+    if wide:
+        A, B = A.double(), B.double()
+    A2, B2, s2 = D.scaled_factors(A, B, scaling, dtype)
+    assert s2 == scaling and torch.equal(A2, A.to(dtype)) and A2.dtype == B2.dtype == dtype

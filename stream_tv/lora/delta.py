@@ -47,6 +47,7 @@ For a float64 weight PEFT keeps the factors in float64 and every product is floa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 
 import torch
@@ -134,10 +135,38 @@ def linear_delta_rows(
     torch.Size([3, 4])
     """
     # (in place: the product is a fresh tensor, and a second float64 chunk costs a pass of
-    # page faults; the same bits as ``* scaling``)
+    # page faults; the same bits as ``* scaling``; ``* 1.0`` changes no bit, and is skipped)
     if fan_in_fan_out:
-        return product_cols_t(B, A, start, stop).mul_(scaling)
-    return product_rows(B, A, start, stop, scratch=scratch).mul_(scaling)
+        rows = product_cols_t(B, A, start, stop)
+    else:
+        rows = product_rows(B, A, start, stop, scratch=scratch)
+    return rows if scaling == 1.0 else rows.mul_(scaling)
+
+
+def scaled_factors(
+    A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A, B, scaling)`` in ``dtype`` for :func:`linear_delta_rows`, the scaling folded into
+    ``A`` where that gives the bits of scaling the product: then ``scaling`` is 1.0 and the
+    rows need no pass of their own to be scaled.
+
+    # subtle: exact for float64 products of factors stored in at most 32 bits, scaled by a
+    # power of two (LoRA's usual ``alpha / r``). A product of two such factors is exact in
+    # float64, and every intermediate of the sum (product, fused multiply-add, partial sum),
+    # whatever order the kernel takes, is zero or a multiple of 2**-298 * s, below
+    # 2**(256 + 16) * s (a rank under 2**16): for |log2 s| <= 64, inside float64's normal
+    # range, where scaling by a power of two commutes with each rounding.
+    # So ``B @ (s * A)`` is ``(B @ A) * s`` bit for bit. Any other case keeps the scaling.
+
+    >>> A, B = torch.ones(2, 3), torch.ones(4, 2)
+    >>> scaled_factors(A, B, 2.0, torch.float64)[2], scaled_factors(A, B, 0.3, torch.float64)[2]
+    (1.0, 0.3)
+    """
+    fraction, exponent = math.frexp(scaling)
+    narrow = A.dtype.itemsize <= 4 and B.dtype.itemsize <= 4 and A.is_floating_point()
+    if dtype == torch.float64 and narrow and abs(fraction) == 0.5 and abs(exponent) <= 64:
+        return A.to(dtype) * scaling, B.to(dtype), 1.0
+    return A.to(dtype), B.to(dtype), scaling
 
 
 def embedding_delta_rows(

@@ -43,7 +43,9 @@ class OpenMerge:
         self.factors: list[dict[str, torch.Tensor]] = _load_factors(tm.steps, device, self.work)
         self._caches: list[dict[str, torch.Tensor]] = [{} for _ in tm.steps]
         # (step, dtype) -> factors A, B in a dtype other than the work dtype
-        self._converted: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._converted: dict[
+            tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor, float]
+        ] = {}
         self._acc: D.SquaresAccumulator | None = None
         # steps of a module that a later DoRA step of the same module unmerges
         self._unmerged = [
@@ -286,12 +288,17 @@ class OpenMerge:
             return t["bias"][start:stop].to(dtype) * scaling
         A, B = t["A"], t["B"]
         cache = self._caches[i]
+        m = s.module
         if dtype != self.work:  # converted once per tensor, not once per chunk
             key = (i, dtype)
             if key not in self._converted:
-                self._converted[key] = (A.to(dtype), B.to(dtype))
-            (A, B), cache = self._converted[key], None
-        m = s.module
+                linear = m.kind in ("linear", "param", "conv1d")
+                self._converted[key] = (
+                    D.scaled_factors(A, B, scaling, dtype)
+                    if linear
+                    else (A.to(dtype), B.to(dtype), scaling)
+                )
+            (A, B, scaling), cache = self._converted[key], None
         if m.kind in ("linear", "param"):
             kept = None if scratch is None else (scratch, i, dtype)
             return D.linear_delta_rows(A, B, scaling, start, stop, scratch=kept)
