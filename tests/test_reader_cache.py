@@ -12,6 +12,7 @@ import mmap
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -214,8 +215,45 @@ def _mappings_of(path: str) -> int:
         return sum(line.rstrip().endswith(path) for line in f)
 
 
+@pytest.fixture(params=["cachestat", "mincore"])
+def residency(request, monkeypatch, model):
+    """Each way the reader learns that a range is cached: cachestat(2), or mincore where
+    the kernel lacks it."""
+    monkeypatch.setattr(pagecache, "_cachestat_works", pagecache._cachestat_works)
+    if request.param == "mincore":
+        monkeypatch.setattr(pagecache, "_cachestat_works", False)
+    else:
+        fd = os.open(model[0], os.O_RDONLY)
+        try:
+            if pagecache._all_cached(fd, 0, mmap.PAGESIZE) is None:
+                pytest.skip("this kernel has no cachestat(2)")
+        finally:
+            os.close(fd)
+    return request.param
+
+
 @linux_only
-def test_resident_rows_are_mapped_in_place_with_the_bytes_a_read_gives(model):
+def test_cachestat_counts_the_cached_pages_of_a_range(model):
+    path, _, _ = model
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _warm(path)
+        if pagecache._all_cached(fd, 0, os.path.getsize(path)) is None:
+            pytest.skip("this kernel has no cachestat(2)")
+        assert pagecache._all_cached(fd, 0, os.path.getsize(path)) is True
+        half = os.path.getsize(path) // 2 // mmap.PAGESIZE * mmap.PAGESIZE
+        os.fsync(fd)
+        os.posix_fadvise(fd, half, 0, os.POSIX_FADV_DONTNEED)
+        if _resident(path) > 0.95:
+            pytest.skip("this file system keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
+        assert pagecache._all_cached(fd, 0, half) is True
+        assert pagecache._all_cached(fd, half - mmap.PAGESIZE, 2 * mmap.PAGESIZE) is False
+    finally:
+        os.close(fd)
+
+
+@linux_only
+def test_resident_rows_are_mapped_in_place_with_the_bytes_a_read_gives(model, residency):
     path, spec, weights = model
     _warm(path)
     with Reader() as r:
@@ -227,7 +265,7 @@ def test_resident_rows_are_mapped_in_place_with_the_bytes_a_read_gives(model):
 
 
 @linux_only
-def test_rows_not_all_in_the_page_cache_are_read_not_mapped(model):
+def test_rows_not_all_in_the_page_cache_are_read_not_mapped(model, residency):
     path, spec, weights = model
     _cold(path)
     _warm(path)
@@ -293,3 +331,25 @@ def test_rows_past_the_end_of_a_file_truncated_during_the_run_are_refused(model)
         os.truncate(path, os.path.getsize(path) // 2)
         with pytest.raises(CorruptCheckpointError, match="truncated after it was indexed"):
             r.map_rows(spec, ROWS - 512, ROWS)
+
+
+@linux_only
+def test_resident_pages_are_the_same_counted_by_blocks_or_page_by_page(model, monkeypatch):
+    path, _, _ = model
+    _cold(path)
+    _warm(path)
+    cut = (os.path.getsize(path) // 2 // mmap.PAGESIZE + 5) * mmap.PAGESIZE  # inside a block
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, cut, 0, os.POSIX_FADV_DONTNEED)
+        if pagecache._cached_pages(fd, 0, mmap.PAGESIZE) is None:
+            pytest.skip("this kernel has no cachestat(2)")
+        by_blocks = pagecache.resident_pages(fd, os.path.getsize(path))
+        monkeypatch.setattr(pagecache, "_cachestat_works", False)
+        by_pages = pagecache.resident_pages(fd, os.path.getsize(path))
+    finally:
+        os.close(fd)
+    assert np.array_equal(by_blocks, by_pages)
+    first = cut // mmap.PAGESIZE
+    assert by_blocks[: first - 512].all()  # the folio around the cut may stay or go
+    assert not by_blocks[first + 512 :].any()
