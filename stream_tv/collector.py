@@ -8,6 +8,11 @@ start-up (:func:`pause_for_startup`); the first run that streams
 of every later collection and turns the collector back on (:func:`resume`), so a run's own
 cyclic garbage is collected as ever, at the cost of its own objects only.
 
+What the freeze costs: cyclic garbage made before it is never freed. Measured: 7,364 objects
+after the imports of compare, 2,324 after building a 32-layer Llama on the meta device (the
+model facts); a few MB at most, where a full collection at that point would cost 0.08 s,
+most of what the pause saves.
+
 A library caller who never paused it sees no change: :func:`resume` acts only after
 :func:`pause_for_startup` did.
 """

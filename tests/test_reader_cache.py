@@ -353,3 +353,17 @@ def test_resident_pages_are_the_same_counted_by_blocks_or_page_by_page(model, mo
     first = cut // mmap.PAGESIZE
     assert by_blocks[: first - 512].all()  # the folio around the cut may stay or go
     assert not by_blocks[first + 512 :].any()
+
+
+@linux_only
+def test_with_drop_behind_only_rows_cached_at_open_are_mapped(model):
+    path, spec, weights = model
+    _cold(path)
+    with Reader(drop_behind=True) as r:
+        assert torch.equal(r.read_rows(spec, 0, 1), weights[:1])  # opened: nothing cached
+        _warm(path)  # cached since (as the kernel's readahead would): ours to drop, not map
+        assert r.map_rows(spec, 0, 512) is None
+    _warm(path)  # (closing dropped what that reader brought in)
+    with Reader(drop_behind=True) as r:  # cached at open: the user's pages, used in place
+        rows = r.map_rows(spec, 0, 512)
+        assert rows is not None and torch.equal(rows, weights[:512])

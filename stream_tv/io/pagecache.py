@@ -315,6 +315,14 @@ class DropBehind:
         start = max(0, offset - SLACK) // PAGE * PAGE
         self._drop_cold(start, offset + length - start)
 
+    def brought_in(self, offset: int, length: int) -> bool:
+        """Whether a page of the range was not resident at open: one a read of ours brought
+        in (or will), which is ours to drop, so read, not used in place."""
+        if self._cold is None or length <= 0:
+            return False
+        first, stop = offset // PAGE, min(len(self._cold), -(-(offset + length) // PAGE))
+        return bool(self._cold[first:stop].any())
+
     def release(self) -> None:
         """Drop every page that was not resident at open: the last folio of each read, and
         what the kernel read ahead and we never asked for."""
