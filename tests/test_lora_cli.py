@@ -249,6 +249,39 @@ def test_lora_delta_without_base_is_pefts_delta(build, tmp_path):
     assert meta["operation"] == "lora-delta" and meta["base"] == ""
 
 
+@pytest.mark.parametrize(
+    "name", ["llama-bf16-linear", "llama-fp32-linear", "llama-fp16-rslora-patterns"]
+)
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_lora_delta_in_cache_blocks_has_the_whole_products_bits(
+    build, tmp_path, monkeypatch, name, dtype
+):
+    """CPU lora-delta computes a plain LoRA's chunk in blocks of whole product windows (256
+    rows here, where gate/up_proj have 272): the same bits as one product per tensor, for
+    every chunking, and (work dtype) what PEFT merges. (A mutation that computes a block's
+    rows from the chunk's start fails it.)"""
+    b = build(name)
+    flags = ("--dtype", dtype) if dtype else ()
+    whole = tmp_path / "whole"
+    monkeypatch.setattr(D, "BLOCK_BYTES", 1 << 40)  # one block per chunk: the product whole
+    ok("lora-delta", b.adapter, "--base", b.base, "-o", whole, *CPU, *flags)
+    reference = pf.read_tensors(whole)
+    assert D.row_blocks(0, 300, 192) == [(0, 300)]
+    monkeypatch.setattr(D, "BLOCK_BYTES", 1)  # the smallest blocks: WINDOW_MIN_ROWS rows
+    assert D.row_blocks(0, 300, 192) == [(0, 256), (256, 300)]
+    assert max(t.shape[0] for t in reference.values()) > D.WINDOW_MIN_ROWS
+    for chunking in ((), TWO_ROWS, ("--chunk-size", "20KB")):
+        out = tmp_path / f"blocks{len(chunking)}{chunking[-1:]}".replace("/", "")
+        ok("lora-delta", b.adapter, "--base", b.base, "-o", out, *CPU, *flags, *chunking)
+        assert_same(reference, pf.read_tensors(out), f"{name} {chunking}")
+    if dtype is None:  # the work dtype: PEFT's own delta, added once, is its merged weight
+        base, merged = pf.read_tensors(b.base), pf.read_tensors(b.merged)
+        for k, d in reference.items():
+            if k in merged:
+                w = base[k]
+                assert torch.equal(D.add_rounding_once(w, d, torch.empty_like(w)), merged[k]), k
+
+
 def test_lora_delta_float64_reference(build, tmp_path):
     b = build("llama-fp16-rslora-patterns")
     out = tmp_path / "tv64"

@@ -259,3 +259,25 @@ def test_the_scaling_stays_on_the_product_where_folding_could_change_a_bit(scali
         A, B = A.double(), B.double()
     A2, B2, s2 = D.scaled_factors(A, B, scaling, dtype)
     assert s2 == scaling and torch.equal(A2, A.to(dtype)) and A2.dtype == B2.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    ("start", "stop", "row_bytes"),
+    [(0, 1, 4), (0, 300, 192), (5, 1500, 8192), (256, 257, 8192), (100, 5000, 1), (0, 4096, 4096)],
+)
+def test_row_blocks_cut_whole_windows_whose_products_have_the_full_products_bits(
+    start, stop, row_bytes
+):
+    blocks = D.row_blocks(start, stop, row_bytes)
+    assert blocks[0][0] == start and blocks[-1][1] == stop
+    assert all(a < b for a, b in blocks)
+    assert all(b == a2 for (_, b), (a2, _) in zip(blocks[:-1], blocks[1:], strict=True))
+    rows = max(D.WINDOW_MIN_ROWS, D.BLOCK_BYTES // row_bytes // D.WINDOW_ALIGN * D.WINDOW_ALIGN)
+    assert rows % D.WINDOW_ALIGN == 0
+    assert all(b % rows == 0 for _, b in blocks[:-1])  # inner cuts: each block its own window
+    assert all(b - a <= rows for a, b in blocks)
+    g = torch.Generator().manual_seed(stop)
+    B, A = torch.randn(stop, 8, generator=g), torch.randn(8, 24, generator=g)
+    full = B @ A
+    got = torch.cat([D.product_rows(B, A, a, b) for a, b in blocks])
+    assert torch.equal(got, full[start:stop])

