@@ -35,8 +35,8 @@ Rows, per (op, size, model dtype, output dtype, cache state):
   model-facts memo emptied first (``STREAM_TV_CACHE_DIR``, stream_tv/lora/facts_cache.py): what
   the first run on a model costs, transformers imported and the model class built on the meta
   device. The ``stream-tv`` row runs after it, with the memo it left (every later run). A
-  ``stream-tv (cuda)`` row with no ``stream-tv (cpu)`` row before it finds the memo primed,
-  untimed (``prime_memo``), so it too times every later run;
+  ``stream-tv (cuda)`` and ``stream-tv (cpu)`` rows (``--device cuda``) find the memo
+  primed, untimed (``prime_memo``, once per model), so they too time every later run;
 - ``stream-tv --page-cache drop`` (cold rows): the stream-tv command dropping from the page
   cache what it read from the disk (stream_tv/io/pagecache.py), where the default (``auto``)
   keeps it when the inputs and output fit in the memory available;
@@ -703,10 +703,13 @@ def op_plan(
             "cmd": [*stv, "--device", dev],
             "note": f"ran with --device {dev}" if args.cuda_as else "",
         }
-        if op in ("merge", "lora-delta", "compare") and not cpu_here:
-            # No stream-tv (cpu) row primes the model-facts memo first: prime it, untimed, so
-            # the cuda row times every later run (not transformers' import and meta build).
-            tools["stream-tv (cuda)"]["prime_memo"] = (base, ad)
+        if op in ("merge", "lora-delta", "compare"):
+            # The model-facts memo is primed, untimed, before the first of these rows on a
+            # model, so that both time every later run (not transformers' import and the meta
+            # build, which the cpu mode's "first run" row times).
+            for t in ("stream-tv (cpu)", "stream-tv (cuda)"):
+                if t in tools:
+                    tools[t]["prime_memo"] = (base, ad)
     else:
         if op in ("merge", "lora-delta", "compare"):  # the ops that read the model facts
             tools["stream-tv (first run)"] = {
@@ -758,9 +761,17 @@ PRIME = (
 )
 
 
+PRIMED: set[tuple[str, str, str]] = set()
+
+
 def prime_memo(base: str, adapter: str, env: dict) -> None:
     """Read ``base``'s model facts for ``adapter`` into the memo of ``env`` (untimed), as
-    the first stream-tv run on the model would; says so when that fails."""
+    the first stream-tv run on the model would, once per model and memo; says so when that
+    fails."""
+    key = (base, adapter, env.get("STREAM_TV_CACHE_DIR", ""))
+    if key in PRIMED:
+        return
+    PRIMED.add(key)
     t0 = time.perf_counter()
     r = subprocess.run([PY, "-c", PRIME, base, adapter], env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -1015,8 +1026,7 @@ def measure_plan(
             env = child_env(spec.get("env"))
             if spec.get("fresh_memo"):
                 shutil.rmtree(spec["fresh_memo"], ignore_errors=True)
-            memo_dir = env.get("STREAM_TV_CACHE_DIR", "")
-            if spec.get("prime_memo") and not (os.path.isdir(memo_dir) and os.listdir(memo_dir)):
+            if spec.get("prime_memo"):
                 prime_memo(*spec["prime_memo"], env)
             cached = cache.prepare(cache_state, plan["in_files"], t, env)
             if budget.spent(args.margin):  # warming the inputs from a slow disk took the rest

@@ -297,7 +297,7 @@ def delta_task(tm: TensorMerge, dtype: torch.dtype, name: str | None = None) -> 
             # Plain LoRA on CPU: the product block by block into one kept buffer, each block
             # rounded into the output while it is still in the cache (the bits of the whole
             # product: each block is whole windows). One pass over memory instead of three
-            # (product, scaling, rounding) and no fresh pages: lora-delta 1.6x faster here.
+            # (product, scaling, rounding) and no fresh pages (benchmarks/RESULTS.md, run AI).
             for a, b in D.row_blocks(chunk.start, chunk.stop, row_bytes):
                 d = rt.delta_rows(a, b, dtype=work, scratch="lora-delta")
                 chunk.out[a - chunk.start : b - chunk.start].copy_(ops.round_to(d, chunk.out.dtype))
