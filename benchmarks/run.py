@@ -116,8 +116,10 @@ DEFAULT_OUT = {
     "compare": None,
 }
 WARM_IMPORTS = {  # what a tool's process reads from disk before the data: re-read after a drop
-    "stream-tv": "import torch, safetensors, click, tqdm, stream_tv.cli, stream_tv.api, "
-    "stream_tv.merge, stream_tv.compare",
+    # every module a command imports (compare: numba, llvmlite and scipy with the kernels)
+    "stream-tv": "import torch, safetensors, click, tqdm, numpy, stream_tv.cli, "
+    "stream_tv.commands.compare, stream_tv.commands.merge, stream_tv.commands.extract, "
+    "stream_tv.commands.apply, stream_tv.workers, stream_tv.stats.fused as f; f._load()",
     "safetensors": "import torch, safetensors.torch",
     "peft": "import torch, transformers, peft, transformers.models.llama.modeling_llama",
 }
@@ -449,9 +451,12 @@ class Cache:
                             "import torch, transformers, mergekit.merge",
                         ],
                         capture_output=True,
+                        check=True,
                     )
                 elif warm:
-                    subprocess.run([PY, "-c", warm], env=env, capture_output=True)
+                    r = subprocess.run([PY, "-c", warm], env=env, capture_output=True, text=True)
+                    if r.returncode != 0:  # a cold row would time the tool's own imports too
+                        raise SystemExit(f"run.py: re-reading {tool}'s imports failed: {r.stderr}")
             floor.evict(inputs)  # also after a drop: nothing the import touched stays
         return floor.resident_fraction(inputs)
 
