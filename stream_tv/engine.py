@@ -456,7 +456,9 @@ def _compute(pipe: _Pipeline, sessions: contextlib.ExitStack, on_nonfinite: str,
         if step.writes:
             invariant(result is not None, f"task {task.name} returned no rows to write")
             _check_finite(task.name, result, on_nonfinite, stats)
-            host_out, event = _to_host(pipe, result, slot, out_buf, task.out.dtype, out.shape)
+            host_out, event = _to_host(
+                pipe, result, slot, out_buf, task.out.dtype, out.shape, host_inputs
+            )
         if step.last:
             sessions.close()  # the task's session ends with its last chunk
             state = None
@@ -491,8 +493,9 @@ def _to_device(
     return inputs, out
 
 
-def _to_host(pipe: _Pipeline, result: torch.Tensor, slot: _Slot, out_buf, dtype, shape):
-    """The output rows in host memory the slot owns (and a CUDA event to wait for)."""
+def _to_host(pipe: _Pipeline, result: torch.Tensor, slot: _Slot, out_buf, dtype, shape, inputs):
+    """The output rows in host memory (and a CUDA event to wait for): the slot's, or the
+    rows of an input the result is, unchanged."""
     host_out = out_buf.view(dtype).view(shape)
     if pipe.cuda:
         host_out.copy_(result, non_blocking=True)
@@ -500,22 +503,25 @@ def _to_host(pipe: _Pipeline, result: torch.Tensor, slot: _Slot, out_buf, dtype,
         event.record()
         return host_out, event
     if result.data_ptr() != host_out.data_ptr():
-        if _inside(result, slot.buffer) and result.dtype == dtype and result.shape == shape:
-            # The rows already lie in this slot (an input copied unchanged: merge's and
-            # apply's untouched tensors): the writer takes them from there, no copy. The
-            # slot is freed only after the write.
+        if result.dtype == dtype and result.shape == shape and _an_input(result, slot, inputs):
+            # The rows are an input's, unchanged (merge's and apply's untouched tensors):
+            # in this slot, freed only after the write, or in place from the page cache
+            # (Reader.map_rows: a mapping no one writes to, kept while the writer holds
+            # it). The writer takes them from there, no copy.
             return result, None
         host_out.copy_(result)
     return host_out, None
 
 
-def _inside(t: torch.Tensor, buffer: torch.Tensor) -> bool:
-    """``t`` is contiguous and its bytes lie within ``buffer``'s."""
-    if not t.is_contiguous() or t.device != buffer.device:
+def _an_input(t: torch.Tensor, slot: _Slot, inputs: Sequence[torch.Tensor]) -> bool:
+    """``t`` is contiguous and its bytes lie in ``slot``'s buffer, or it is a whole input."""
+    if not t.is_contiguous() or t.device != slot.buffer.device:
         return False
-    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
-    first = t.data_ptr()
-    return start <= first and first + t.numel() * t.element_size() <= end
+    first, n = t.data_ptr(), t.numel() * t.element_size()
+    start = slot.buffer.data_ptr()
+    if start <= first and first + n <= start + slot.buffer.numel():  # a uint8 buffer
+        return True
+    return any(x.data_ptr() == first and x.numel() == t.numel() for x in inputs)
 
 
 @contextlib.contextmanager

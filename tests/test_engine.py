@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_tensors
@@ -353,6 +354,51 @@ def test_the_nonfinite_check_counts_exactly_when_a_finite_sum_overflows(dtype):
     with pytest.raises(NonFiniteError, match="3 NaN/Inf"):
         engine._check_finite("t", x, "error", stats)
     engine._check_finite("t", torch.ones(8, dtype=dtype), "error", stats)  # finite: silent
+
+
+def test_an_input_passed_through_is_written_from_where_it_lies(tmp_path, shard, monkeypatch):
+    """A task returning an input chunk unchanged (merge's and apply's untouched tensors):
+    the writer gets the input's own memory, in place from the page cache or in the slot,
+    never a copy, and writes its bytes."""
+    from stream_tv.io import reader
+
+    tensors, specs = shard
+    monkeypatch.setattr(reader, "MIN_MAP_BYTES", 1)
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(reader.Reader, "map_rows", lambda self, *a: None)
+        given, handed = [], []
+
+        def task(spec, given=given):
+            def compute(chunk):
+                (x,) = chunk.inputs
+                given.append((x.data_ptr(), x.numel() * x.element_size()))
+                return x
+
+            return engine.Task(
+                spec.name, [spec], compute, out=OutTensor(spec.name, spec.dtype, spec.shape)
+            )
+
+        tasks = [task(s) for s in specs.values()]
+        plan = OutputPlan.build([t.out for t in tasks], 600)
+        out = tmp_path / f"out-{in_place}"
+        writer = ShardWriter(out, plan, plan.fingerprint())
+        write = writer.write
+
+        def recording(name, offset, data, write=write, handed=handed):
+            handed.append((np.frombuffer(data, dtype=np.uint8).ctypes.data, len(data)))
+            return write(name, offset, data)
+
+        writer.write = recording
+        writer.begin()
+        stats = engine.run(tasks, device=CPU, chunk_bytes=64, sink=writer, progress=False)
+        writer.finish({})
+        assert (stats.bytes_mapped > 0) == in_place
+        nonempty = [g for g in given if g[1]]
+        assert nonempty and [h for h in handed if h[1]] == nonempty  # the inputs' own bytes
+        got = load_tensors(out)
+        for name, t in tensors.items():
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
 
 
 @pytest.mark.parametrize("chunk_bytes", [64, 1 << 30])
