@@ -18,8 +18,9 @@ little, and the wait shows up where a later call first needs the result (the NaN
 ``bool``, the writer's event). ``--sync`` adds a device synchronize after each compute, so
 that the GPU's time for a chunk is counted there (slower: the copies no longer overlap).
 ``--top N`` adds cProfile's N most expensive functions of the main thread (cumulative).
-Worker processes (compare on several CPU cores) are not timed: run with one worker, or read
-the parent's wait. Reports only; checks nothing.
+Worker processes (compare on several CPU cores) are timed too: each writes its figures
+when it ends, and they are reported per worker, against that worker's own engine time.
+Reports only; checks nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import os
 import pstats
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -182,41 +184,63 @@ def install(sync: bool) -> None:
         return stats
 
     engine.run = timed_run  # stream_tv.jobs calls it as engine.run
+    from stream_tv import workers
+
+    worker = workers._worker  # run_split starts it by this name, after the fork
+
+    def timed_worker(*a, **k):
+        TIMES.clear()  # the parent's, inherited at the fork
+        RUNS.clear()
+        try:
+            return worker(*a, **k)
+        finally:
+            where = os.environ.get("STAGE_PROFILE_DIR")
+            if where:
+                with open(os.path.join(where, f"worker-{os.getpid()}.json"), "w") as f:
+                    cells = [[t, label, s, n] for (t, label), (s, n) in TIMES.items()]
+                    json.dump({"times": cells, "runs": RUNS}, f)
+
+    workers._worker = timed_worker
 
 
-def report(total: float, top: str | None) -> dict:
-    engine_s = sum(r["wall_s"] for r in RUNS)
-    lines = [
-        f"process {total:.2f} s (from this script's start), engine.run {engine_s:.2f} s "
-        f"in {len(RUNS)} run(s)"
-    ]
-    for r in RUNS:
-        gb = r["bytes_read"] / 1e9
-        lines.append(
-            f"  run {r['wall_s']:.2f} s: read {gb:.2f} GB ({gb / max(r['wall_s'], 1e-9):.2f} GB/s, "
-            f"{r['bytes_mapped'] / 1e9:.2f} GB in place), wrote {r['bytes_written'] / 1e9:.2f} GB, "
-            f"{r['tasks']} tensors"
-        )
-    lines += [
-        "",
-        "| thread | stage | seconds | calls | % of engine.run |",
-        "|---|---|---:|---:|---:|",
-    ]
+def report(total: float, top: str | None, workers: list[dict]) -> dict:
+    """Print the figures of this process and of each worker; return them."""
+    processes = [("", dict(TIMES), RUNS)]
+    for i, w in enumerate(workers):
+        cells = {(t, label): [s, n] for t, label, s, n in w["times"]}
+        processes.append((f"worker {i} ", cells, w["runs"]))
+    lines = [f"process {total:.2f} s (from this script's start)"]
+    stages = []
     order = {"reader": 0, "main": 1, "writer": 2}
-    rows = sorted(TIMES.items(), key=lambda kv: (order.get(kv[0][0], 3), -kv[1][0]))
-    for (thread, label), (s, n) in rows:
-        pct = 100 * s / engine_s if engine_s else 0.0
-        lines.append(f"| {thread} | {label} | {s:.3f} | {n} | {pct:.1f} |")
+    for prefix, times, runs in processes:
+        if not runs and not times:
+            continue
+        engine_s = sum(r["wall_s"] for r in runs)
+        lines += [
+            "",
+            f"{prefix or 'this process '}: engine.run {engine_s:.2f} s in {len(runs)} run(s)",
+        ]
+        for r in runs:
+            gb = r["bytes_read"] / 1e9
+            lines.append(
+                f"  run {r['wall_s']:.2f} s: read {gb:.2f} GB "
+                f"({gb / max(r['wall_s'], 1e-9):.2f} GB/s, {r['bytes_mapped'] / 1e9:.2f} GB in "
+                f"place), wrote {r['bytes_written'] / 1e9:.2f} GB, {r['tasks']} tensors"
+            )
+        lines += [
+            "",
+            "| thread | stage | seconds | calls | % of engine.run |",
+            "|---|---|---:|---:|---:|",
+        ]
+        rows = sorted(times.items(), key=lambda kv: (order.get(kv[0][0], 3), -kv[1][0]))
+        for (thread, label), (s, n) in rows:
+            pct = 100 * s / engine_s if engine_s else 0.0
+            lines.append(f"| {prefix}{thread} | {label} | {s:.3f} | {n} | {pct:.1f} |")
+            stages.append({"thread": prefix + thread, "stage": label, "seconds": s, "calls": n})
     if top:
         lines += ["", "main thread, cProfile (cumulative):", "```", top.rstrip(), "```"]
     print("\n".join(lines), file=sys.stderr)
-    return {
-        "process_s": total,
-        "runs": RUNS,
-        "stages": [
-            {"thread": t, "stage": label, "seconds": s, "calls": n} for (t, label), (s, n) in rows
-        ],
-    }
+    return {"process_s": total, "runs": RUNS, "workers": workers, "stages": stages}
 
 
 def main() -> None:
@@ -229,6 +253,8 @@ def main() -> None:
     args = ap.parse_args()
     argv = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
     install(args.sync)
+    where = tempfile.mkdtemp(prefix="stage-profile-")
+    os.environ["STAGE_PROFILE_DIR"] = where
     from stream_tv.console import main as cli_main
 
     prof = cProfile.Profile() if args.top else None
@@ -248,7 +274,13 @@ def main() -> None:
         pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(args.top)
         top = buf.getvalue()
         top = top[top.find("   ncalls") :] if "   ncalls" in top else top
-    figures = report(time.perf_counter() - t_start, top)
+    found = []
+    for name in sorted(os.listdir(where)):
+        with open(os.path.join(where, name)) as f:
+            found.append(json.load(f))
+        os.unlink(os.path.join(where, name))
+    os.rmdir(where)
+    figures = report(time.perf_counter() - t_start, top, found)
     figures["exit"] = code
     if args.json:
         with open(args.json, "w") as f:
