@@ -6,11 +6,14 @@ FILE (a shard, ideally in the page cache: it is read once first) is streamed in 
 
 - read: ``preadv`` into a reused pinned buffer (the engine's reader now: one thread), and
   the same chunk split into N disjoint ranges read by N threads at once;
-- to the device: the pinned buffer copied host-to-device (non-blocking, then synchronized),
-  and a pageable copy straight from a read-only mapping of the file (no read at all);
-- write: a pinned buffer's bytes ``pwrite`` n to a new file in DIR (posix_fallocate first, as
-  the shard writer does), by one thread and by N threads on disjoint ranges; the file is
+- to the device: chunk-sized copies from a pinned and a pageable buffer (``floor.h2d``, its
+  best repeat), and copies straight from a read-only mapping of the file (no read at all);
+- write: the buffer's bytes ``pwrite`` to a new file in DIR (posix_fallocate first, as the
+  shard writer does), by one thread and by N threads on disjoint ranges; the file is
   deleted after.
+
+The reads and writes are io_probe.py's helpers (``pieces``, ``_split``, ``_pread_full``,
+``pwrite_pieces``).
 
 Prints one table (GB/s, median of ``--repeat``); with no CUDA the device rows are skipped.
 Reports only; checks nothing but that every byte read equals the file's.
@@ -24,58 +27,59 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+import floor  # noqa: E402  (benchmarks/floor.py: the host-to-device rates)
+from io_probe import _pread_full, _split, pieces, pwrite_pieces  # noqa: E402
 
-def size_arg(s: str) -> int:
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
-    for u, m in units.items():
-        if s.upper().endswith(u):
-            return int(float(s[: -len(u)]) * m)
-    return int(s)
-
-
-def ranges(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
-    step = -(-(stop - start) // parts)
-    step = -(-step // 4096) * 4096
-    return [(a, min(stop, a + step)) for a in range(start, stop, step)]
+from stream_tv.units import parse_size  # noqa: E402
 
 
 def read_file(fd: int, size: int, buf: torch.Tensor, chunk: int, pool, threads: int) -> int:
+    """``size`` bytes of ``fd`` chunk by chunk into ``buf``; a chunk in ``threads`` aligned
+    pieces read at once (io_probe.py's positional reads)."""
     mv = memoryview(buf.numpy())
     done = 0
-    for off in range(0, size, chunk):
-        n = min(chunk, size - off)
+    for off, n in pieces(size, chunk):
         if threads == 1:
-            done += os.preadv(fd, [mv[:n]], off)
+            done += _pread_full(fd, mv[:n], off)
         else:
-            parts = ranges(0, n, threads)
+            parts = _split(n, threads)
             done += sum(
-                pool.map(lambda r, off=off: os.preadv(fd, [mv[r[0] : r[1]]], off + r[0]), parts)
+                pool.map(
+                    lambda p, off=off: _pread_full(fd, mv[p[0] : p[0] + p[1]], off + p[0]), parts
+                )
             )
     return done
 
 
 def write_file(path: str, size: int, buf: torch.Tensor, chunk: int, pool, threads: int) -> None:
+    """``size`` bytes from ``buf`` to a new file (posix_fallocate first, as the writer does),
+    each chunk by ``threads`` positional writes on disjoint pieces; the file is deleted."""
     mv = memoryview(buf.numpy())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.posix_fallocate(fd, 0, size)
-        for off in range(0, size, chunk):
-            n = min(chunk, size - off)
-            if threads == 1:
-                os.pwrite(fd, mv[:n], off)
-            else:
+        if threads == 1:
+            pwrite_pieces(path, mv, size, chunk, presize="fallocate")
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            for off, n in pieces(size, chunk):
+                parts = _split(n, threads)
                 list(
                     pool.map(
-                        lambda r, off=off: os.pwrite(fd, mv[r[0] : r[1]], off + r[0]),
-                        ranges(0, n, threads),
+                        lambda p, off=off: os.pwrite(fd, mv[p[0] : p[0] + p[1]], off + p[0]), parts
                     )
                 )
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
         os.unlink(path)
 
 
@@ -91,11 +95,11 @@ def timed(fn, repeat: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("file")
-    ap.add_argument("--chunk", type=size_arg, default=32 << 20)
+    ap.add_argument("--chunk", type=parse_size, default=32 << 20)
     ap.add_argument("--threads", default="1,2,4,8")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out-dir", default=None, help="where the write rows write (default: FILE's)")
-    ap.add_argument("--max-bytes", type=size_arg, default=4 << 30, help="read at most this much")
+    ap.add_argument("--max-bytes", type=parse_size, default=4 << 30, help="read at most this much")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     size = min(os.path.getsize(args.file), args.max_bytes)
@@ -124,36 +128,27 @@ def main() -> None:
     if bytes(buf[:n].numpy()) != want:
         raise SystemExit("host_paths: a parallel read gave other bytes than the file's")
     if cuda:
+        rates = floor.h2d(args.chunk)  # chunk-sized copies, pinned and pageable sources
+        for kind in ("pinned", "pageable"):
+            rows.append(
+                (f"host-to-device from a {kind} buffer (copy alone)", gb / rates[f"{kind}_gbps"])
+            )
         dev = torch.empty(args.chunk, dtype=torch.uint8, device="cuda")
-
-        def h2d_pinned():
-            for off in range(0, size, args.chunk):
-                n = min(args.chunk, size - off)
-                dev[:n].copy_(buf[:n], non_blocking=True)
-            torch.cuda.synchronize()
-
-        rows.append(
-            ("host-to-device from the pinned buffer (copy alone)", timed(h2d_pinned, args.repeat))
-        )
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         whole = torch.frombuffer(mm, dtype=torch.uint8)
 
         def h2d_mapped():
-            for off in range(0, size, args.chunk):
-                n = min(args.chunk, size - off)
+            for off, n in pieces(size, args.chunk):
                 dev[:n].copy_(whole[off : off + n], non_blocking=True)
             torch.cuda.synchronize()
 
-        import warnings
-
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rows.append(
-                (
-                    "host-to-device from a read-only mapping (pageable, no read)",
-                    timed(h2d_mapped, args.repeat),
-                )
+            warnings.simplefilter("ignore")  # frombuffer of a read-only mapping
+            row = (
+                "host-to-device from a read-only mapping of the file (no read)",
+                timed(h2d_mapped, args.repeat),
             )
+        rows.append(row)
         del whole
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.file))
     target = os.path.join(out_dir, ".host_paths-write.tmp")
